@@ -1,0 +1,3 @@
+"""dosewise: offline RL for drug dosing."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,90 @@
+"""A trained IQL model loaded from disk, with a numpy interface in raw clinical units.
+
+Evaluation, recommendation and the service all go through this one object, so they all apply
+the normalisation that was stored with the model and read the file the same safe way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dosewise.algos.iql import IQLConfig, Networks
+from dosewise.algos.training import MODEL_FORMAT
+from dosewise.checkpoint import CheckpointError, load_safe
+from dosewise.config import IQLRunConfig
+from dosewise.data.transitions import Normalizer
+
+ACTION_GRID_SIZE = 101  # greedy actions are chosen on this many evenly spaced points of [low, high]
+
+
+class TrainedIQL:
+    def __init__(self, bundle: dict, source: str = "<memory>"):
+        try:
+            self.run_config = IQLRunConfig.model_validate(bundle["run_config"])
+            self.feature_names: tuple[str, ...] = tuple(bundle["feature_names"])
+            self.normalizer = Normalizer.from_dict(bundle["normalizer"])
+            self.feature_ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in bundle["feature_ranges"].items()}
+            self.action_low, self.action_high = (float(x) for x in bundle["action_bounds"])
+            self.step = int(bundle["step"])
+            self.nets = Networks(len(self.feature_names), 1, self.config)
+            self.nets.load_state_dict(bundle["networks"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{source}: model file is incomplete or does not match its config ({err})") from None
+        self.nets.eval()
+
+    @classmethod
+    def load(cls, run_or_model: str | Path) -> "TrainedIQL":
+        """Load ``DIR/model.pt`` (given a run directory) or a model file."""
+        path = Path(run_or_model)
+        if path.is_dir():
+            path = path / "model.pt"
+            if not path.exists():
+                raise CheckpointError(f"{path.parent}: no model.pt; has `dosewise train iql --out {path.parent}` finished?")
+        return cls(load_safe(path, MODEL_FORMAT), str(path))
+
+    @property
+    def config(self) -> IQLConfig:
+        return self.run_config.iql
+
+    # -- numpy interface, raw clinical units in, [N] or [N, K] out -----------------------------
+    def _obs(self, obs: np.ndarray) -> torch.Tensor:
+        obs = np.atleast_2d(np.asarray(obs, dtype=np.float32))
+        if obs.shape[1] != len(self.feature_names):
+            raise ValueError(f"expected {len(self.feature_names)} features {self.feature_names}, got {obs.shape[1]}")
+        return torch.as_tensor(self.normalizer.normalize(obs), dtype=torch.float32)
+
+    @torch.no_grad()
+    def policy_action(self, obs: np.ndarray) -> np.ndarray:
+        """Mean of the Gaussian policy, clipped to the action bounds."""
+        mean, _ = self.nets.pi(self._obs(obs))
+        return mean[:, 0].clamp(self.action_low, self.action_high).numpy()
+
+    @torch.no_grad()
+    def q_value(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        s = self._obs(obs)
+        a = torch.tensor(np.asarray(action, dtype=np.float32).reshape(-1, 1))
+        return self.nets.q(s, a).numpy()
+
+    @torch.no_grad()
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        return self.nets.v(self._obs(obs)).numpy()
+
+    def action_grid(self, size: int = ACTION_GRID_SIZE) -> np.ndarray:
+        return np.linspace(self.action_low, self.action_high, size, dtype=np.float32)
+
+    @torch.no_grad()
+    def q_curve(self, obs: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
+        """Q(s, a) for every state and every action of ``grid``: [N, K]."""
+        grid = self.action_grid() if grid is None else np.asarray(grid, dtype=np.float32)
+        s = self._obs(obs)
+        n, k = s.shape[0], grid.shape[0]
+        s_rep = s.repeat_interleave(k, dim=0)
+        a_rep = torch.tensor(grid).repeat(n).reshape(-1, 1)
+        return self.nets.q(s_rep, a_rep).reshape(n, k).numpy()
+
+    def greedy_action(self, obs: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
+        grid = self.action_grid() if grid is None else np.asarray(grid, dtype=np.float32)
+        return grid[self.q_curve(obs, grid).argmax(axis=1)]

@@ -1,0 +1,272 @@
+"""The `dosewise` command line. Every command is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dosewise.checkpoint import CheckpointError
+from dosewise.config import ConfigError, IQLRunConfig, TrainConfig, load_config
+from dosewise.data.loading import DataError, DataReport, load_table
+from dosewise.data.transitions import build_transitions
+from dosewise.serve.recommend import StateError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, help=__doc__)
+simulate_app = typer.Typer(no_args_is_help=True, help="Write simulated clinical datasets.")
+data_app = typer.Typer(no_args_is_help=True, help="Check and describe dosing data files.")
+train_app = typer.Typer(no_args_is_help=True, help="Train offline RL policies.")
+app.add_typer(simulate_app, name="simulate")
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def friendly_errors(command):
+    """Bad input ends with one clear line on stderr and exit code 2, never a traceback."""
+    from dosewise.algos.training import TrainingError
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (DataError, ConfigError, CheckpointError, TrainingError, StateError) as err:
+            errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _write_table(frame, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        frame.to_parquet(out, index=False)
+    elif out.suffix == ".csv":
+        frame.to_csv(out, index=False)
+    else:
+        raise DataError(f"{out}: unsupported output suffix {out.suffix!r}; use .csv or .parquet")
+
+
+# -- simulate -----------------------------------------------------------------------------------
+
+
+@simulate_app.command("vancomycin")
+@friendly_errors
+def simulate_vancomycin(
+    out: Annotated[Path, typer.Option(help="Output file, .csv or .parquet.")],
+    patients: Annotated[int, typer.Option(min=1, help="Number of simulated ICU patients.")] = 150,
+    seed: Annotated[int, typer.Option(help="Seed of patients, clinician and noise.")] = 0,
+) -> None:
+    """Simulated vancomycin courses under the simulated clinician, one row per patient per 4 h."""
+    from dosewise.sim.vancomycin_clinician import simulate_dataset
+
+    frame = simulate_dataset(patients, seed)
+    _write_table(frame, out)
+    console.print(f"wrote {len(frame)} rows for {patients} patients to {out}")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def report_table(report: DataReport) -> Table:
+    table = Table(title=f"data report: {report.path}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key in ("rows_total", "rows_dropped_nan", "rows_valid", "patients", "transitions", "reward_source"):
+        table.add_row(key, str(getattr(report, key)))
+    for column, count in report.dropped_nan_by_column.items():
+        table.add_row(f"  dropped: {column} missing", str(count))
+    for name, (lo, hi) in report.feature_ranges.items():
+        table.add_row(f"range {name}", f"{lo:g} .. {hi:g}")
+    table.add_row("range action", f"{report.action_range[0]:g} .. {report.action_range[1]:g}")
+    return table
+
+
+def _data_config(config: Optional[Path]):
+    return load_config(config, IQLRunConfig).data if config else IQLRunConfig().data
+
+
+@data_app.command("inspect")
+@friendly_errors
+def data_inspect(
+    path: Annotated[Path, typer.Argument(help="CSV or Parquet file.")],
+    config: Annotated[Optional[Path], typer.Option(help="Run config YAML whose `data:` section maps the columns.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Validate a dosing file and report rows, drops, patients and feature ranges."""
+    _, report = load_table(path, _data_config(config))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        console.print(report_table(report))
+
+
+# -- train --------------------------------------------------------------------------------------
+
+
+@train_app.command("iql")
+@friendly_errors
+def train_iql_command(
+    data: Annotated[Path, typer.Option(help="Training data, CSV or Parquet.")],
+    out: Annotated[Path, typer.Option(help="Run directory: config, TensorBoard, checkpoints, model.")],
+    config: Annotated[Optional[Path], typer.Option(help="Run config YAML (default: seed 004's conservative set).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Override train.steps.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train IQL; writes config.yaml, tb/, checkpoints/ and model.pt into --out."""
+    from dosewise.algos.training import train_iql
+
+    run = load_config(config, IQLRunConfig) if config else IQLRunConfig()
+    train = run.train.model_dump()
+    train.update({k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None})
+    run = run.model_copy(update={"train": TrainConfig(**train), "data_path": str(data.resolve())})
+    frame, report = load_table(data, run.data)
+    if report.rows_dropped_nan:
+        console.print(f"dropped {report.rows_dropped_nan} of {report.rows_total} rows with missing values: {report.dropped_nan_by_column}")
+    transitions = build_transitions(frame, run.data)
+    console.print(f"{transitions.n} transitions from {report.patients} patients; training {run.train.steps} steps -> {out}")
+    train_iql(run, transitions, out, resume=resume, show_progress=not quiet)
+    console.print(f"model written to {out / 'model.pt'}; TensorBoard: tensorboard --logdir {out / 'tb'}")
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+
+
+def _fmt(estimate: dict, percent: bool, signed: bool = False) -> str:
+    scale, unit = (100.0, " %") if percent else (1.0, "")
+    sign = "+" if signed else ""
+    lo, hi = (scale * x for x in estimate["ci95"])
+    return f"{scale * estimate['mean']:{sign}.1f}{unit}  [{lo:{sign}.1f}, {hi:{sign}.1f}]"
+
+
+def closed_loop_table(result: dict) -> Table:
+    table = Table(title=f"closed loop on {result['patients']} held-out simulated patients (seed {result['seed']}), mean [95 % CI]")
+    for column in ("metric", "learned policy", "simulated clinician", "difference"):
+        table.add_column(column)
+    rows = (
+        ("AUC24 in 400-600 (patient-days)", "auc_in_target_frac", True),
+        ("AKI rate (patients)", "aki_rate", True),
+        ("mean return per patient", "mean_return", False),
+    )
+    for label, key, percent in rows:
+        table.add_row(
+            label,
+            _fmt(result["learned"][key], percent),
+            _fmt(result["clinician"][key], percent),
+            _fmt(result["difference"][key], percent, signed=True),
+        )
+    return table
+
+
+def offline_table(stats: dict) -> Table:
+    table = Table(title="offline statistics (the critics on the training data)", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in stats.items():
+        text = f"{value['mean']:.3f} (sd {value['std']:.3f})" if isinstance(value, dict) else f"{value:.4g}"
+        table.add_row(key, text)
+    return table
+
+
+def run_evaluation(run_dir: Path, patients: int, seed: int, data: Optional[Path] = None) -> dict:
+    from dosewise.algos.trained import TrainedIQL
+    from dosewise.evaluate.closed_loop import evaluate_vancomycin
+    from dosewise.evaluate.offline import offline_statistics
+
+    model = TrainedIQL.load(run_dir)
+    data_path = data or (Path(model.run_config.data_path) if model.run_config.data_path else None)
+    if data_path is None:
+        raise DataError(f"{run_dir}: the run does not record its training data; pass --data")
+    frame, _ = load_table(data_path, model.run_config.data)
+    result = offline_statistics(model, build_transitions(frame, model.run_config.data))
+    result["closed_loop"] = evaluate_vancomycin(model.policy_action, patients, seed)
+    return result
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_command(
+    run: Annotated[Path, typer.Option(help="Run directory written by `dosewise train iql`.")],
+    out: Annotated[Path, typer.Option(help="Evaluation JSON to write.")],
+    patients: Annotated[int, typer.Option(min=2, help="Held-out simulated patients for the closed loop.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out cohort; keep it apart from the training data's.")] = 1000,
+    data: Annotated[Optional[Path], typer.Option(help="Training data (default: the path recorded in the run).")] = None,
+) -> None:
+    """Offline statistics of the critics, and the learned policy vs the clinician in closed loop."""
+    result = run_evaluation(run, patients, seed, data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    console.print(offline_table({k: v for k, v in result.items() if k != "closed_loop"}))
+    console.print(closed_loop_table(result["closed_loop"]))
+    console.print(f"wrote {out}")
+
+
+# -- recommend ----------------------------------------------------------------------------------
+
+
+@app.command("recommend")
+@friendly_errors
+def recommend_command(
+    run: Annotated[Path, typer.Option(help="Run directory or model.pt.")],
+    state: Annotated[list[str], typer.Option(help="Feature value as name=value; repeat for every feature.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the recommendation as JSON.")] = False,
+) -> None:
+    """Dose recommendation for one patient state."""
+    from dosewise.algos.trained import TrainedIQL
+    from dosewise.serve.recommend import parse_state, recommend
+
+    model = TrainedIQL.load(run)
+    rec = recommend(model, parse_state(state, model.feature_names))
+    if as_json:
+        print(json.dumps(rec.to_dict(), indent=2))
+        return
+    console.print(f"policy action (recommended): [bold]{rec.policy_action:+.3f}[/]   Q = {rec.q_value:.3f}")
+    console.print(f"greedy action (argmax Q):    {rec.greedy_action:+.3f}   Q = {rec.greedy_q_value:.3f}")
+    for warning in rec.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+@friendly_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder of the demo (replaced if it holds an earlier demo).")] = Path("runs/demo"),
+    patients: Annotated[int, typer.Option(min=2, help="Patients in the training data.")] = 150,
+    steps: Annotated[int, typer.Option(min=1, help="IQL gradient steps.")] = 5000,
+    eval_patients: Annotated[int, typer.Option(min=2, help="Held-out patients for the closed loop.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the training data and of training.")] = 0,
+) -> None:
+    """Vancomycin end to end on embedded defaults: simulate -> train -> evaluate -> outcome table."""
+    from dosewise.algos.training import train_iql
+    from dosewise.sim.vancomycin_clinician import simulate_dataset
+
+    if (out / "iql").exists():
+        console.print(f"replacing the earlier demo in {out}")
+        shutil.rmtree(out / "iql")
+    data_path = out / "vancomycin.csv"
+    _write_table(simulate_dataset(patients, seed), data_path)
+    run = IQLRunConfig(train=TrainConfig(steps=steps, seed=seed), data_path=str(data_path.resolve()))
+    frame, report = load_table(data_path, run.data)
+    console.print(report_table(report))
+    train_iql(run, build_transitions(frame, run.data), out / "iql")
+    result = run_evaluation(out / "iql", eval_patients, seed=1000 + seed)
+    (out / "evaluation.json").write_text(json.dumps(result, indent=2))
+    console.print(offline_table({k: v for k, v in result.items() if k != "closed_loop"}))
+    console.print(closed_loop_table(result["closed_loop"]))
+    console.print(f"data {data_path}, run {out / 'iql'}, evaluation {out / 'evaluation.json'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,58 @@
+"""Where each piece of a dosing record lives in the user's table, so any file
+layout can be used without renaming its columns first."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+FEATURES: tuple[str, ...] = (
+    "vanco_level",
+    "creatinine",
+    "wbc",
+    "bun",
+    "temperature",
+    "sbp",
+    "heart_rate",
+)
+
+# The loader adds this column (source line/row number), so no data column may use it.
+LINE_COLUMN = "line"
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Column identifying the patient; each patient's rows form one episode.
+    patient_id: str = "patient_id"
+    # Column with the observation time in hours (numeric); orders a patient's rows.
+    time: str = "time"
+    # Columns that make up the state vector, in this order.
+    features: tuple[str, ...] = FEATURES
+    # Column with the dose decision taken at that time (the action).
+    action: str = "action"
+    # Smallest action the data may contain; a smaller value is an error.
+    action_low: float = -1.0
+    # Largest action the data may contain; a larger value is an error.
+    action_high: float = 1.0
+    # Reward column; when the file has no such column, rewards are computed by observed_reward.
+    reward: str = "reward"
+    # Feature holding the drug trough level in mg/L (only used by the computed reward).
+    level_feature: str = "vanco_level"
+    # Feature holding serum creatinine (only used by the computed reward).
+    creatinine_feature: str = "creatinine"
+
+    @model_validator(mode="after")
+    def _check_consistent(self) -> DataConfig:
+        if not self.action_low < self.action_high:
+            raise ValueError(
+                f"action_low ({self.action_low}) must be smaller than action_high ({self.action_high})"
+            )
+        if not self.features:
+            raise ValueError("features must name at least one column")
+        columns = [self.patient_id, self.time, *self.features, self.action, self.reward]
+        repeated = sorted({name for name in columns if columns.count(name) > 1})
+        if repeated:
+            raise ValueError(f"each column may play only one role; used more than once: {repeated}")
+        if LINE_COLUMN in columns:
+            raise ValueError(f"the column name '{LINE_COLUMN}' is reserved for the source line number")
+        return self
