@@ -27,6 +27,14 @@ app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 
 console = Console()
+
+
+@app.callback()
+def _main() -> None:
+    """Offline RL for drug dosing: simulate, train, evaluate, recommend."""
+    import torch
+
+    torch.set_num_threads(1)  # the networks are small: one thread beats two contending ones
 errors = Console(stderr=True)
 
 

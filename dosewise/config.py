@@ -29,6 +29,8 @@ class TrainConfig(BaseModel):
     log_every: int = Field(50, ge=1)
     # Seed of network initialisation and minibatch sampling.
     seed: int = 0
+    # CPU threads torch may use. Small MLPs run fastest on one; more only pays for wide networks.
+    threads: int = Field(1, ge=1)
 
 
 class IQLRunConfig(BaseModel):

@@ -113,6 +113,8 @@ def train_iql(
     from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
     writer = SummaryWriter(str(out_dir / "tb"), purge_step=start + 1 if start else None)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(tc.threads)
     n, batch_size = transitions.n, run.iql.batch_size
     columns = [TextColumn("[bold]IQL"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}")]
     try:
@@ -146,6 +148,7 @@ def train_iql(
                 progress.advance(task)
     finally:
         writer.close()
+        torch.set_num_threads(threads_before)
     save_atomic(model_bundle(learner, run, transitions, normalizer, tc.steps), out_dir / "model.pt")
     return learner
 
