@@ -17,7 +17,7 @@ import math
 from typing import NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 # -- config -----------------------------------------------------------------------------------
@@ -49,6 +49,12 @@ class IQLConfig(BaseModel):
     # Bounds of the policy's log standard deviation.
     log_std_min: float = -5.0
     log_std_max: float = 2.0
+
+    @model_validator(mode="after")
+    def _check_log_std_bounds(self) -> "IQLConfig":
+        if self.log_std_min >= self.log_std_max:
+            raise ValueError(f"log_std_min ({self.log_std_min}) must be below log_std_max ({self.log_std_max})")
+        return self
 
 
 # -- losses -------------------------------------------------------------------------------------

@@ -94,7 +94,6 @@ def train_iql(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = _check_run_dir(out_dir, run, resume)
-    save_config(run, out_dir / "config.yaml")
     tc = run.train
 
     normalizer = Normalizer.fit(transitions.observations)
@@ -109,6 +108,7 @@ def train_iql(
         start = int(state["step"])
         if start > tc.steps:
             raise TrainingError(f"{ckpt} is at step {start}, past the requested {tc.steps} steps")
+    save_config(run, out_dir / "config.yaml")  # only once the run is sure to start
 
     from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
@@ -123,7 +123,9 @@ def train_iql(
             for step in range(start + 1, tc.steps + 1):
                 idx = torch.randint(n, (batch_size,), generator=sampler)
                 metrics = learner.update(Batch(*(field[idx] for field in data)))
-                if step % tc.log_every == 0 or step == tc.steps:
+                checkpoint_now = bool(tc.checkpoint_every) and step % tc.checkpoint_every == 0
+                # Losses are checked before every checkpoint too, so no checkpoint ever holds NaN weights.
+                if step % tc.log_every == 0 or step == tc.steps or checkpoint_now:
                     values = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
                     for key, value in values.items():
                         writer.add_scalar(key, value, step)
@@ -131,10 +133,10 @@ def train_iql(
                         raise TrainingError(
                             f"training diverged at step {step}: "
                             + ", ".join(f"{k}={v:.3g}" for k, v in values.items() if k.startswith("loss/"))
-                            + "; lower iql.lr or raise iql.batch_size"
+                            + "; lower iql.lr, or check the data for extreme rewards"
                         )
                     progress.update(task, losses=f"q {values['loss/q']:.3f}  v {values['loss/v']:.3f}  pi {values['loss/pi']:.3f}")
-                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                if checkpoint_now:
                     save_atomic(
                         {
                             "format": CHECKPOINT_FORMAT,

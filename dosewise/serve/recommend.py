@@ -80,7 +80,7 @@ def recommend(model: TrainedIQL, state: Mapping[str, object]) -> Recommendation:
     warnings = [
         f"{name} = {values[name]:g} is outside the training range [{lo:g}, {hi:g}]: the model extrapolates"
         for name, (lo, hi) in model.feature_ranges.items()
-        if not lo <= values[name] <= hi
+        if not lo <= float(np.float32(values[name])) <= hi  # ranges were taken from the float32 training tensors
     ]
     if abs(float(grid[best]) - policy) > GREEDY_DISAGREEMENT:
         warnings.append(
