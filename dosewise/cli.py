@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -151,28 +152,27 @@ def train_iql_command(
 
 
 def _fmt(estimate: dict, percent: bool, signed: bool = False) -> str:
-    scale, unit = (100.0, " %") if percent else (1.0, "")
+    scale = 100.0 if percent else 1.0
     sign = "+" if signed else ""
     lo, hi = (scale * x for x in estimate["ci95"])
-    return f"{scale * estimate['mean']:{sign}.1f}{unit}  [{lo:{sign}.1f}, {hi:{sign}.1f}]"
+    return f"{scale * estimate['mean']:{sign}.1f} [{lo:{sign}.1f}, {hi:{sign}.1f}]"
 
 
 def closed_loop_table(result: dict) -> Table:
-    table = Table(title=f"closed loop on {result['patients']} held-out simulated patients (seed {result['seed']}), mean [95 % CI]")
-    for column in ("metric", "learned policy", "simulated clinician", "difference"):
-        table.add_column(column)
-    rows = (
-        ("AUC24 in 400-600 (patient-days)", "auc_in_target_frac", True),
-        ("AKI rate (patients)", "aki_rate", True),
-        ("mean return per patient", "mean_return", False),
+    title = f"closed loop on {result['patients']} held-out simulated patients (seed {result['seed']}): mean [95 % CI]"
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    outcomes = (
+        ("AUC24 in 400-600 (% of days)", "auc_in_target_frac", True),
+        ("AKI (% of patients)", "aki_rate", True),
+        ("return per patient", "mean_return", False),
     )
-    for label, key, percent in rows:
-        table.add_row(
-            label,
-            _fmt(result["learned"][key], percent),
-            _fmt(result["clinician"][key], percent),
-            _fmt(result["difference"][key], percent, signed=True),
-        )
+    sides = (("learned", "learned policy"), ("clinician", "clinician"), ("difference", "difference"))
+    cells = [[_fmt(result[side][key], percent, signed=side == "difference") for _, key, percent in outcomes] for side, _ in sides]
+    table.add_column("policy", min_width=max(len(label) for _, label in sides))
+    for j, (label, _, _) in enumerate(outcomes):
+        table.add_column(label, min_width=max(len(row[j]) for row in cells))  # headers wrap, numbers never
+    for (side, label), row in zip(sides, cells, strict=True):
+        table.add_row(label, *row, style="bold" if side == "difference" else None)
     return table
 
 

@@ -370,7 +370,7 @@ class VancomycinSimulator:
     # -- dynamics --------------------------------------------------------------------------
     def step(self, action: np.ndarray) -> tuple[np.ndarray, StepInfo]:
         """Apply relative dose changes ``action`` in [-1, 1] and advance 4 h."""
-        cfg, c = self.config, self.cohort
+        cfg = self.config
         action = np.clip(np.asarray(action, dtype=float).reshape(-1), -1.0, 1.0)
         reg = cfg.regimen
         self.dose = np.clip(self.dose * (1.0 + reg.max_change * action), reg.min_dose_mg, reg.max_dose_mg)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from dosewise.sim.vancomycin import FEATURES, sample_cohort
-from dosewise.sim.vancomycin_clinician import ClinicianHabits, VancomycinClinician, simulate_dataset
+from dosewise.sim.vancomycin_clinician import VancomycinClinician, simulate_dataset
 
 COLUMNS = ["patient_id", "time", *FEATURES, "action", "reward"]
 N = 3000
