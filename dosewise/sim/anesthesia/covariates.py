@@ -17,7 +17,7 @@ class Covariates:
     sex: np.ndarray  # [N] 1 = male, 0 = female
 
     @classmethod
-    def from_arrays(cls, age, height, weight, sex) -> "Covariates":
+    def from_arrays(cls, age, height, weight, sex) -> Covariates:
         """Broadcast scalars, check shapes and ranges, and freeze copies of the arrays."""
         arrays = [np.atleast_1d(np.asarray(a, dtype=float)) for a in (age, height, weight, sex)]
         if any(a.ndim != 1 for a in arrays):

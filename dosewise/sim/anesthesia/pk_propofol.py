@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from dosewise.sim.anesthesia.compartments import LogNormalSD, MammillaryPK, PKModel, cv_to_omega
+from dosewise.sim.anesthesia.compartments import (
+    LogNormalSD,
+    MammillaryPK,
+    PKModel,
+    cv_to_omega,
+)
 from dosewise.sim.anesthesia.covariates import Covariates, al_sallami_ffm
 from dosewise.sim.anesthesia.hill import hill
 
