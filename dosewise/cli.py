@@ -82,6 +82,21 @@ def simulate_vancomycin(
     console.print(f"wrote {len(frame)} rows for {patients} patients to {out}")
 
 
+@simulate_app.command("anesthesia")
+@friendly_errors
+def simulate_anesthesia(
+    out: Annotated[Path, typer.Option(help="Output file, .parquet or .csv.")],
+    cases: Annotated[int, typer.Option(min=1, help="Number of simulated surgical cases.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of patients, clinicians, stimulation and noise.")] = 0,
+) -> None:
+    """Simulated TIVA cases under the simulated anesthesiologist, VitalDB-like, one row per case per minute."""
+    from dosewise.sim.anesthesia_clinician import simulate_cases
+
+    frame = simulate_cases(cases, seed)
+    _write_table(frame, out)
+    console.print(f"wrote {len(frame)} rows for {cases} cases to {out}")
+
+
 # -- data ---------------------------------------------------------------------------------------
 
 

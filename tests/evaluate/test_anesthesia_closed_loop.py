@@ -1,0 +1,26 @@
+import numpy as np
+import pytest
+
+from dosewise.evaluate.anesthesia_closed_loop import case_metrics
+from dosewise.sim.anesthesia_cases import CaseTrajectories, sample_cases
+
+
+def test_metrics_on_a_hand_made_case():
+    cohort = sample_cases(1, np.random.default_rng(0))
+    seconds = 1200  # 20 decision steps of 60 s
+    bis = np.full((seconds, 1), 50.0, dtype=np.float32)
+    bis[:90] = 90.0  # awake for 90 s
+    bis[90:200] = 35.0  # overshoot: nadir 35 during induction
+    bis[900:960] = 70.0  # one light minute in maintenance (of 300 s after induction)
+    mean_ap = np.full((seconds, 1), 80.0, dtype=np.float32)
+    mean_ap[:120] = 60.0  # 2 hypotensive minutes out of 20
+    rates = np.zeros((20, 1, 2), dtype=np.int64)
+    rates[:, 0, 0] = 30  # 30 mL/h propofol = 600 mg/h
+    traj = CaseTrajectories(vitals=np.zeros((20, 1, 5)), rates=rates, bis_true=bis, map_true=mean_ap, steps=np.array([20]), step_s=60)
+    m = case_metrics(traj, cohort)
+    assert m["time_to_bis_60_s"][0] == 90
+    assert m["bis_nadir"][0] == 35.0 and m["undershoot"][0] == 5.0
+    assert m["pct_bis_40_60"][0] == pytest.approx(100 * (600 - 60) / 600)
+    assert m["pct_map_below_65"][0] == pytest.approx(10.0)
+    assert m["propofol_mg_kg_h"][0] == pytest.approx(600 / cohort.covariates.weight[0])
+    assert m["remifentanil_ug_kg_min"][0] == 0.0
