@@ -203,7 +203,7 @@ def offline_table(stats: dict) -> Table:
 
 def run_evaluation(run_dir: Path, patients: int, seed: int, data: Optional[Path] = None) -> dict:
     from dosewise.algos.trained import TrainedIQL
-    from dosewise.evaluate.closed_loop import evaluate_vancomycin
+    from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
     from dosewise.evaluate.offline import offline_statistics
 
     model = TrainedIQL.load(run_dir)

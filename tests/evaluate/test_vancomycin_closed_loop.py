@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dosewise.evaluate.closed_loop import PatientOutcomes, evaluate_vancomycin, summarize
+from dosewise.evaluate.vancomycin_closed_loop import PatientOutcomes, evaluate_vancomycin, summarize
 from dosewise.evaluate.stats import bootstrap_indices
 from dosewise.sim.vancomycin import Trajectories
 
