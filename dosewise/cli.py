@@ -234,6 +234,20 @@ def evaluate_command(
     console.print(f"wrote {out}")
 
 
+@app.command("report")
+@friendly_errors
+def report_command(
+    run: Annotated[Path, typer.Option(help="Run directory written by `dosewise train iql`.")],
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN/report).")] = None,
+    evaluation: Annotated[Optional[Path], typer.Option(help="Evaluation JSON (default: RUN/evaluation.json or next to RUN).")] = None,
+) -> None:
+    """HTML analysis report with PNG figures: training, Q/V, Q-curves, sensitivity, policy vs clinician, courses."""
+    from dosewise.evaluate.report import write_report
+
+    page = write_report(run, out, evaluation)
+    console.print(f"report written to {page}")
+
+
 # -- recommend ----------------------------------------------------------------------------------
 
 
@@ -271,7 +285,7 @@ def demo(
     eval_patients: Annotated[int, typer.Option(min=2, help="Held-out patients for the closed loop.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the training data and of training.")] = 0,
 ) -> None:
-    """Vancomycin end to end on embedded defaults: simulate -> train -> evaluate -> outcome table."""
+    """Vancomycin end to end on embedded defaults: simulate -> train -> evaluate -> outcome table -> report."""
     from dosewise.algos.training import train_iql
     from dosewise.sim.vancomycin_clinician import simulate_dataset
 
@@ -288,7 +302,10 @@ def demo(
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
     console.print(offline_table({k: v for k, v in result.items() if k != "closed_loop"}))
     console.print(closed_loop_table(result["closed_loop"]))
-    console.print(f"data {data_path}, run {out / 'iql'}, evaluation {out / 'evaluation.json'}")
+    from dosewise.evaluate.report import write_report
+
+    page = write_report(out / "iql", out / "report", out / "evaluation.json")
+    console.print(f"data {data_path}, run {out / 'iql'}, evaluation {out / 'evaluation.json'}, report {page}")
 
 
 if __name__ == "__main__":
