@@ -16,3 +16,34 @@ __all__ = [
     "load_transitions",
     "observed_reward",
 ]
+
+# Anesthesia planner data: intraoperative cases and their training windows.
+from dosewise.data.anesthesia import (
+    CANONICAL,
+    VITALDB,
+    AnesthesiaDataConfig,
+    AnesthesiaReward,
+    CaseReport,
+    load_cases,
+)
+from dosewise.data.windows import (
+    WindowConfig,
+    Windows,
+    build_windows,
+    split_by_case,
+    split_case_ids,
+)
+
+__all__ += [
+    "CANONICAL",
+    "VITALDB",
+    "AnesthesiaDataConfig",
+    "AnesthesiaReward",
+    "CaseReport",
+    "WindowConfig",
+    "Windows",
+    "build_windows",
+    "load_cases",
+    "split_by_case",
+    "split_case_ids",
+]
