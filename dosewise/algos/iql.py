@@ -6,9 +6,16 @@ clinicians' actions, Q regresses onto r + gamma * V(s'), and the policy imitates
 weighted by exp(beta * advantage). Seed 004 trained without target networks and its policy loss
 oscillated; here the critics are twin Q networks with a Polyak-averaged target, as in the paper.
 
-Update order per step (the paper's): V on the target critics, Q on the new V(s'), the policy on
-the target critics and new V, then the Polyak step. One step is one ``update(batch)`` call that
-returns tensors only, so a training loop never waits on the host between logging points.
+Update order per step: V on the target critics and the policy on the target critics and that
+same (pre-step) V, as one Adam step; then Q on the new V(s'); then the Polyak step. One step is
+one ``update(batch)`` call that returns tensors only, so a training loop never waits on the host
+between logging points.
+
+Built for CPU speed (issue 6, `bench/iql_vs_d3rlpy.py`): every network lives in one flat tensor
+with a leading member axis, so K seeds or K sweep points train as one learner on batched matmuls;
+gradients are written out by hand (checked against autograd in `tests/algos`), every network's
+gradient is clipped per member, and one fused Adam kernel steps the networks. ``compile=True``
+adds torch.compile.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import NamedTuple
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+from torch.optim.adam import adam as functional_adam
 
 # -- config -----------------------------------------------------------------------------------
 
@@ -58,12 +66,14 @@ class IQLConfig(BaseModel):
 
 
 # -- losses -------------------------------------------------------------------------------------
+# Every loss reduces over the batch (the last axis) only, so a leading ensemble axis [K, B] gives
+# one loss per member.
 
 
 def expectile_loss(diff: Tensor, tau: float) -> Tensor:
-    """Asymmetric L2: |tau - 1(diff < 0)| * diff^2, mean over the batch."""
+    """Asymmetric L2: |tau - 1(diff < 0)| * diff^2, mean over the batch (last axis)."""
     weight = torch.where(diff > 0, tau, 1.0 - tau)
-    return (weight * diff.square()).mean()
+    return (weight * diff.square()).mean(-1)
 
 
 def awr_weights(advantage: Tensor, beta: float, max_weight: float) -> Tensor:
@@ -71,81 +81,149 @@ def awr_weights(advantage: Tensor, beta: float, max_weight: float) -> Tensor:
 
 
 def gaussian_log_prob(action: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    """log N(action; mean, exp(log_std)^2), summed over action dimensions. Shapes [B, A] -> [B]."""
+    """log N(action; mean, exp(log_std)^2), summed over action dimensions. Shapes [..., A] -> [...]."""
     z = (action - mean) * torch.exp(-log_std)
     return (-0.5 * z.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-# -- networks -----------------------------------------------------------------------------------
+# -- stacked networks ---------------------------------------------------------------------------
+# A network is E independent MLPs in one flat tensor [E, P]: layer l's weight [E, in, out] and
+# bias [E, 1, out] are views into it, and one layer of all E copies is one batched matmul. E is
+# the number of ensemble members K (2K for the twin critics). Training writes the gradients out by
+# hand (`mlp_backward`): on a CPU, with layers this small, the autograd engine's bookkeeping per
+# node costs more than the arithmetic. `tests/algos` checks them against autograd.
 
 
-def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(in_dim, width), nn.ReLU()]
-        in_dim = width
-    layers.append(nn.Linear(in_dim, out_dim))
-    return nn.Sequential(*layers)
+def layer_shapes(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> list[tuple[int, int]]:
+    dims = [in_dim, *hidden, out_dim]
+    return list(zip(dims[:-1], dims[1:]))
 
 
-class TwinQ(nn.Module):
-    """Two independent critics Q(s, a); IQL uses their minimum against overestimation."""
-
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...]):
-        super().__init__()
-        self.q1 = mlp(obs_dim + action_dim, hidden, 1)
-        self.q2 = mlp(obs_dim + action_dim, hidden, 1)
-
-    def both(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
-        """[B, D], [B, A] -> two [B]."""
-        x = torch.cat([obs, action], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
-
-    def forward(self, obs: Tensor, action: Tensor) -> Tensor:
-        return torch.minimum(*self.both(obs, action))
+def init_mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> Tensor:
+    """One MLP's flat parameters [P] with nn.Linear's default initialisation, from the global RNG."""
+    chunks = []
+    for fan_in, fan_out in layer_shapes(in_dim, hidden, out_dim):
+        bound = 1.0 / math.sqrt(fan_in)
+        chunks += [torch.empty(fan_in * fan_out).uniform_(-bound, bound), torch.empty(fan_out).uniform_(-bound, bound)]
+    return torch.cat(chunks)
 
 
-class ValueNet(nn.Module):
-    def __init__(self, obs_dim: int, hidden: tuple[int, ...]):
-        super().__init__()
-        self.net = mlp(obs_dim, hidden, 1)
-
-    def forward(self, obs: Tensor) -> Tensor:
-        """[B, D] -> [B]."""
-        return self.net(obs).squeeze(-1)
+Layers = list[tuple[Tensor, Tensor]]  # per layer: weight [E, in, out], bias [E, 1, out]
 
 
-class GaussianPolicy(nn.Module):
-    """pi(a | s) = N(tanh(mu(s)), sigma(s)); the tanh keeps the mean inside the action bounds [-1, 1]."""
+def mlp_layers(flat: Tensor, shapes: list[tuple[int, int]]) -> Layers:
+    """Views (weight [E, in, out], bias [E, 1, out]) into flat [E, P]."""
+    e = flat.shape[0]
+    views = flat.split([n for i, o in shapes for n in (i * o, o)], dim=-1)
+    return [(views[2 * j].view(e, i, o), views[2 * j + 1].view(e, 1, o)) for j, (i, o) in enumerate(shapes)]
 
-    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], log_std_min: float, log_std_max: float):
-        super().__init__()
-        self.net = mlp(obs_dim, hidden, 2 * action_dim)
-        self.log_std_min, self.log_std_max = log_std_min, log_std_max
 
-    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """[B, D] -> mean [B, A], log_std [B, A]."""
-        mu, log_std = self.net(obs).chunk(2, dim=-1)
-        return torch.tanh(mu), log_std.clamp(self.log_std_min, self.log_std_max)
+def stacked_mlp(layers: Layers, x: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
+    """E MLPs at once: x [E, B, in] -> [E, B, out], ReLU between layers.
+
+    ``inputs``, when given, collects every layer's input for `mlp_backward`."""
+    for j, (weight, bias) in enumerate(layers):
+        if inputs is not None:
+            inputs.append(x)
+        x = torch.baddbmm(bias, x, weight)
+        if j < len(layers) - 1:
+            x = torch.relu(x)
+    return x
+
+
+def mlp_backward(layers: Layers, inputs: list[Tensor], grad_out: Tensor) -> Tensor:
+    """Gradient of sum(grad_out * stacked_mlp(layers, x)) with respect to the flat tensor: [E, P]."""
+    grads: list[Tensor] = []
+    g = grad_out
+    for j in range(len(layers) - 1, -1, -1):
+        x, (weight, _) = inputs[j], layers[j]
+        grads += [g.sum(1), torch.bmm(x.transpose(1, 2), g).flatten(1)]  # bias, weight (reversed below)
+        if j:
+            # x is the previous layer's ReLU output: the gradient passes where it is positive
+            g = torch.ops.aten.threshold_backward(torch.bmm(g, weight.transpose(1, 2)), x, 0.0)
+    return torch.cat(grads[::-1], dim=1)
 
 
 class Networks(nn.Module):
-    """Everything that is saved in a model file."""
+    """Everything that is saved in a model file: K members' twin Q, its Polyak target, V and policy.
 
-    def __init__(self, obs_dim: int, action_dim: int, config: IQLConfig):
+    Parameters ``q`` [K, 2, Pq] (the twin critics), ``v`` [K, Pv], ``pi`` [K, Ppi]; buffer
+    ``q_target`` [K, 2, Pq]. Member k is initialised from ``seeds[k]`` alone, in the same order as
+    a one-member run, so it starts exactly where a run with only that seed starts.
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, config: IQLConfig, seeds: list[int] | tuple[int, ...] = (0,)):
         super().__init__()
-        self.q = TwinQ(obs_dim, action_dim, config.hidden)
-        self.q_target = TwinQ(obs_dim, action_dim, config.hidden)
-        self.q_target.load_state_dict(self.q.state_dict())
-        self.q_target.requires_grad_(False)
-        self.v = ValueNet(obs_dim, config.hidden)
-        self.pi = GaussianPolicy(obs_dim, action_dim, config.hidden, config.log_std_min, config.log_std_max)
+        self.log_std_min, self.log_std_max = config.log_std_min, config.log_std_max
+        self.q_shapes = layer_shapes(obs_dim + action_dim, config.hidden, 1)
+        self.v_shapes = layer_shapes(obs_dim, config.hidden, 1)
+        self.pi_shapes = layer_shapes(obs_dim, config.hidden, 2 * action_dim)
+        q, v, pi = [], [], []
+        for seed in seeds:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                q.append(torch.stack([init_mlp(obs_dim + action_dim, config.hidden, 1) for _ in range(2)]))
+                v.append(init_mlp(obs_dim, config.hidden, 1))
+                pi.append(init_mlp(obs_dim, config.hidden, 2 * action_dim))
+        self.q = nn.Parameter(torch.stack(q), requires_grad=False)  # gradients are written by hand
+        self.v = nn.Parameter(torch.stack(v), requires_grad=False)
+        self.pi = nn.Parameter(torch.stack(pi), requires_grad=False)
+        self.register_buffer("q_target", self.q.detach().clone())
+        self._shapes = {"q": self.q_shapes, "q_target": self.q_shapes, "v": self.v_shapes, "pi": self.pi_shapes}
+        self._views: dict[str, tuple[int, Layers]] = {}
+
+    @property
+    def members(self) -> int:
+        return self.q.shape[0]
+
+    def layers(self, name: str) -> Layers:
+        """Layer views into network ``name`` ("q" and "q_target" as [2K, P]), made once: training
+        updates every tensor in place, so the views stay valid (remade if the storage moves)."""
+        flat = getattr(self, name)
+        if torch.compiler.is_compiling():  # traced once; torch.compile folds the views away itself
+            return mlp_layers(flat.view(-1, flat.shape[-1]), self._shapes[name])
+        cached = self._views.get(name)
+        if cached is None or cached[0] != flat.data_ptr():
+            cached = (flat.data_ptr(), mlp_layers(flat.view(-1, flat.shape[-1]), self._shapes[name]))
+            self._views[name] = cached
+        return cached[1]
+
+    def q_both(self, obs: Tensor, action: Tensor, target: bool = False, inputs: list[Tensor] | None = None) -> Tensor:
+        """obs [K, B, D], action [K, B, A] -> both critics [K, 2, B]."""
+        k, b = obs.shape[0], obs.shape[1]
+        x = torch.cat([obs, action], dim=-1).repeat_interleave(2, dim=0)  # [2K, B, D + A]
+        return stacked_mlp(self.layers("q_target" if target else "q"), x, inputs).view(k, 2, b)
+
+    def q_min(self, obs: Tensor, action: Tensor, target: bool = False) -> Tensor:
+        """The smaller critic, against overestimation: [K, B]."""
+        return self.q_both(obs, action, target).amin(dim=1)
+
+    def value(self, obs: Tensor, inputs: list[Tensor] | None = None) -> Tensor:
+        """obs [K, B, D] -> V(s) [K, B]."""
+        return stacked_mlp(self.layers("v"), obs, inputs).squeeze(-1)
+
+    def policy_raw(self, obs: Tensor, inputs: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """The policy head before squashing: mu, log_std [K, B, A]."""
+        mu, log_std = stacked_mlp(self.layers("pi"), obs, inputs).chunk(2, dim=-1)
+        return mu, log_std
+
+    def policy(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """pi(a | s) = N(tanh(mu(s)), exp(log_std(s))): obs [K, B, D] -> mean, log_std [K, B, A].
+
+        The tanh keeps the mean inside the action bounds [-1, 1]."""
+        mu, log_std = self.policy_raw(obs)
+        return torch.tanh(mu), log_std.clamp(self.log_std_min, self.log_std_max)
 
 
 # -- learner ------------------------------------------------------------------------------------
 
+# Config fields that may differ between the members of one learner (a sweep).
+SWEEPABLE = ("lr", "gamma", "beta", "tau")
+
 
 class Batch(NamedTuple):
+    """One minibatch. Single run: [B, ...]; an ensemble stacks one minibatch per member: [K, B, ...]."""
+
     obs: Tensor  # [B, D] normalised
     action: Tensor  # [B, A]
     reward: Tensor  # [B]
@@ -153,68 +231,169 @@ class Batch(NamedTuple):
     done: Tensor  # [B] 1.0 at a patient's last row
 
 
+def clip_per_member_(grad: Tensor, max_norm: float) -> Tensor:
+    """Global gradient-norm clipping of each member's network on its own: grad [K, ...], in place.
+
+    The rule of ``nn.utils.clip_grad_norm_``: scale by max_norm / (norm + 1e-6) when that is below 1."""
+    flat = grad.view(grad.shape[0], -1)
+    flat.mul_((max_norm / (torch.linalg.vector_norm(flat, dim=1, keepdim=True) + 1e-6)).clamp_(max=1.0))
+    return grad
+
+
 class IQL:
-    """The learner: networks, three Adam optimisers, ``update(batch) -> metrics``, ``state_dict``."""
+    """The learner: K members on stacked weights, fused Adam, ``update(batch) -> metrics``.
 
-    def __init__(self, obs_dim: int, action_dim: int, config: IQLConfig, seed: int = 0):
+    ``seeds`` gives one member per seed (default: one member, ``seed``). Each member has its own
+    initialisation and, in training, its own minibatch stream; members never interact, so each
+    equals (within float tolerance) the same config trained alone with its seed.
+
+    ``member_configs`` (a sweep) gives every member its own config; they may differ in
+    ``SWEEPABLE`` fields only, which become [K, 1] tensors (network shapes must match to stack).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        config: IQLConfig,
+        seed: int = 0,
+        seeds: list[int] | None = None,
+        compile: bool = False,
+        member_configs: list[IQLConfig] | None = None,
+    ):
         self.config = config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.nets = Networks(obs_dim, action_dim, config)
-        adam = lambda module: torch.optim.Adam(module.parameters(), lr=config.lr, foreach=True)  # noqa: E731
-        self.q_opt, self.v_opt, self.pi_opt = adam(self.nets.q), adam(self.nets.v), adam(self.nets.pi)
+        self.seeds = list(seeds) if seeds is not None else [seed]
+        if not self.seeds:
+            raise ValueError("an IQL learner needs at least one seed")
+        self.member_configs = list(member_configs) if member_configs is not None else [config] * len(self.seeds)
+        if len(self.member_configs) != len(self.seeds):
+            raise ValueError(f"{len(self.member_configs)} member configs for {len(self.seeds)} seeds")
+        fixed = config.model_dump(exclude=set(SWEEPABLE))
+        for member in self.member_configs:
+            if member.model_dump(exclude=set(SWEEPABLE)) != fixed:
+                raise ValueError(f"members of one learner may differ in {', '.join(SWEEPABLE)} only")
+        # Per-member values [K, 1] where members differ, plain floats where they agree.
+        self.hyper = {
+            name: values[0] if len(set(values)) == 1 else torch.tensor(values).unsqueeze(1)
+            for name in SWEEPABLE
+            for values in [[getattr(m, name) for m in self.member_configs]]
+        }
+        self.nets = Networks(obs_dim, action_dim, config, self.seeds)
+        params = (self.nets.q, self.nets.v, self.nets.pi)
+        # Adam's state per network: first and second moments, and the step count.
+        self.adam = {
+            name: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "step": torch.zeros(())}
+            for name, p in zip(("q", "v", "pi"), params)
+        }
+        # torch.compile fuses a step's elementwise work into a few C++ kernels: about 1.35x at
+        # [32, 32] on one thread and for 16 members, 1.1x at [256, 256] (matmuls dominate there;
+        # bench/results/iql_vs_d3rlpy.json). Compiling takes ~30 s on 2 cores with a cold cache,
+        # longer than a whole default 5000-step run (~2.5 s), hence opt-in.
+        self._update = torch.compile(self._update_step, dynamic=False) if compile else self._update_step
 
-    def _step(self, loss: Tensor, module: nn.Module, opt: torch.optim.Optimizer) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(module.parameters(), self.config.grad_clip, foreach=True)
-        opt.step()
+    @property
+    def members(self) -> int:
+        return len(self.seeds)
+
+    def _adam_step(self, grads: dict[str, Tensor]) -> None:
+        """Clip every member's gradient per network, then one fused Adam kernel over these networks.
+
+        Members with different learning rates (a sweep) run Adam with lr 1 into a zeroed scratch
+        copy, then add lr_k times that step: Adam's moments do not depend on the learning rate."""
+        names = list(grads)
+        lr = self.hyper["lr"]
+        per_member = isinstance(lr, Tensor)
+        params = [getattr(self.nets, n) for n in names]
+        targets = [torch.zeros_like(p) for p in params] if per_member else params
+        functional_adam(
+            targets,
+            [clip_per_member_(grads[n], self.config.grad_clip) for n in names],
+            [self.adam[n]["exp_avg"] for n in names],
+            [self.adam[n]["exp_avg_sq"] for n in names],
+            [],
+            [self.adam[n]["step"] for n in names],
+            fused=True,
+            amsgrad=False,
+            beta1=0.9,
+            beta2=0.999,
+            lr=1.0 if per_member else lr,
+            weight_decay=0.0,
+            eps=1e-8,
+            maximize=False,
+        )
+        if per_member:
+            for p, step in zip(params, targets):
+                p.add_(step * lr.view(-1, *[1] * (p.dim() - 1)))
 
     def update(self, batch: Batch) -> dict[str, Tensor]:
-        cfg, nets = self.config, self.nets
-        with torch.no_grad():
-            q_target = nets.q_target(batch.obs, batch.action)
+        """One gradient step of every member. Metrics are tensors: scalars for a [B] batch, [K] for [K, B]."""
+        return self._update(batch)
 
-        v = nets.v(batch.obs)
-        loss_v = expectile_loss(q_target - v, cfg.tau)
-        self._step(loss_v, nets.v, self.v_opt)
+    @torch.no_grad()
+    def _update_step(self, batch: Batch) -> dict[str, Tensor]:
+        single = batch.obs.dim() == 2
+        if single:
+            batch = Batch(*(field.unsqueeze(0) for field in batch))
+        cfg, nets, hyper = self.config, self.nets, self.hyper
+        n = batch.obs.shape[1]
 
-        with torch.no_grad():
-            td_target = batch.reward + cfg.gamma * (1.0 - batch.done) * nets.v(batch.next_obs)
-        q1, q2 = nets.q.both(batch.obs, batch.action)
-        loss_q = (q1 - td_target).square().mean() + (q2 - td_target).square().mean()
-        self._step(loss_q, nets.q, self.q_opt)
+        # V by expectile regression on the target critics, and the policy by AWR with the same
+        # (pre-update) V; both step together, as their losses touch disjoint parameters.
+        q_target = nets.q_min(batch.obs, batch.action, target=True)
+        v_inputs: list[Tensor] = []
+        v = nets.value(batch.obs, v_inputs)
+        diff = q_target - v
+        expectile_weight = torch.where(diff > 0, hyper["tau"], 1.0 - hyper["tau"])
+        loss_v = (expectile_weight * diff.square()).mean(-1)
+        grad_v = (-2.0 / n) * expectile_weight * diff  # d loss_v / d v
 
-        with torch.no_grad():
-            advantage = q_target - v.detach()
-            weight = awr_weights(advantage, cfg.beta, cfg.max_weight)
-        mean, log_std = nets.pi(batch.obs)
-        loss_pi = -(weight * gaussian_log_prob(batch.action, mean, log_std)).mean()
-        self._step(loss_pi, nets.pi, self.pi_opt)
+        advantage = diff
+        weight = awr_weights(advantage, hyper["beta"], cfg.max_weight)
+        pi_inputs: list[Tensor] = []
+        mu, log_std_raw = nets.policy_raw(batch.obs, pi_inputs)
+        mean, log_std = torch.tanh(mu), log_std_raw.clamp(cfg.log_std_min, cfg.log_std_max)
+        inv_std = torch.exp(-log_std)
+        z = (batch.action - mean) * inv_std
+        log_prob = (-0.5 * z.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        loss_pi = -(weight * log_prob).mean(-1)
+        grad_log_prob = (-weight / n).unsqueeze(-1)  # d loss_pi / d log_prob, [K, B, 1]
+        grad_mu = grad_log_prob * z * inv_std * (1.0 - mean.square())  # through the tanh
+        in_bounds = (log_std_raw >= cfg.log_std_min) & (log_std_raw <= cfg.log_std_max)  # clamp passes these
+        grad_log_std = grad_log_prob * (z.square() - 1.0) * in_bounds
+        self._adam_step(
+            {
+                "v": mlp_backward(nets.layers("v"), v_inputs, grad_v.unsqueeze(-1)),
+                "pi": mlp_backward(nets.layers("pi"), pi_inputs, torch.cat([grad_mu, grad_log_std], dim=-1)),
+            }
+        )
 
-        with torch.no_grad():
-            torch._foreach_lerp_(list(nets.q_target.parameters()), list(nets.q.parameters()), cfg.polyak)
+        # Q regresses onto r + gamma * V(s') with the V just updated; each twin has its own loss.
+        td_target = batch.reward + hyper["gamma"] * (1.0 - batch.done) * nets.value(batch.next_obs)
+        q_inputs: list[Tensor] = []
+        q_error = nets.q_both(batch.obs, batch.action, inputs=q_inputs) - td_target.unsqueeze(1)  # [K, 2, B]
+        loss_q = q_error.square().mean(-1).sum(-1)
+        k = q_error.shape[0]
+        grad_q = mlp_backward(nets.layers("q"), q_inputs, (2.0 / n) * q_error.view(2 * k, n, 1))
+        self._adam_step({"q": grad_q.view_as(nets.q)})
 
-        return {
-            "loss/q": loss_q.detach(),
-            "loss/v": loss_v.detach(),
-            "loss/pi": loss_pi.detach(),
-            "values/q_mean": q_target.mean(),
-            "values/v_mean": v.detach().mean(),
-            "values/advantage_mean": advantage.mean(),
-            "values/awr_weight_mean": weight.mean(),
+        nets.q_target.lerp_(nets.q, cfg.polyak)
+
+        metrics = {
+            "loss/q": loss_q,
+            "loss/v": loss_v,
+            "loss/pi": loss_pi,
+            "values/q_mean": q_target.mean(-1),
+            "values/v_mean": v.mean(-1),
+            "values/advantage_mean": advantage.mean(-1),
+            "values/awr_weight_mean": weight.mean(-1),
         }
+        return {key: m.squeeze(0) for key, m in metrics.items()} if single else metrics
 
     def state_dict(self) -> dict:
-        return {
-            "nets": self.nets.state_dict(),
-            "q_opt": self.q_opt.state_dict(),
-            "v_opt": self.v_opt.state_dict(),
-            "pi_opt": self.pi_opt.state_dict(),
-        }
+        return {"nets": self.nets.state_dict(), "adam": self.adam}
 
     def load_state_dict(self, state: dict) -> None:
         self.nets.load_state_dict(state["nets"])
-        self.q_opt.load_state_dict(state["q_opt"])
-        self.v_opt.load_state_dict(state["v_opt"])
-        self.pi_opt.load_state_dict(state["pi_opt"])
+        for name, moments in state["adam"].items():
+            for key, value in moments.items():
+                self.adam[name][key].copy_(value)

@@ -2,6 +2,10 @@
 
 Evaluation, recommendation and the service all go through this one object, so they all apply
 the normalisation that was stored with the model and read the file the same safe way.
+
+An ensemble run (``train iql --seeds K``) loads the same way: every method answers with the mean
+over members, ``policy_members`` gives each member's action and ``policy_spread`` their standard
+deviation, the ensemble's uncertainty about its recommendation. One member is the plain model.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ class TrainedIQL:
             self.feature_ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in bundle["feature_ranges"].items()}
             self.action_low, self.action_high = (float(x) for x in bundle["action_bounds"])
             self.step = int(bundle["step"])
-            self.nets = Networks(len(self.feature_names), 1, self.config)
+            self.seeds = [int(s) for s in bundle["seeds"]]
+            if any(IQLConfig.model_validate(c) != self.config for c in bundle.get("member_configs", [])):
+                raise ValueError("its members have different configs (a sweep group): load one point's run directory instead")
+            self.nets = Networks(len(self.feature_names), 1, self.config, self.seeds)
             self.nets.load_state_dict(bundle["networks"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{source}: model file is incomplete or does not match its config ({err})") from None
@@ -49,28 +56,43 @@ class TrainedIQL:
     def config(self) -> IQLConfig:
         return self.run_config.iql
 
+    @property
+    def members(self) -> int:
+        return len(self.seeds)
+
     # -- numpy interface, raw clinical units in, [N] or [N, K] out -----------------------------
     def _obs(self, obs: np.ndarray) -> torch.Tensor:
+        """Raw states [N, D] -> normalised, once per member: [members, N, D]."""
         obs = np.atleast_2d(np.asarray(obs, dtype=np.float32))
         if obs.shape[1] != len(self.feature_names):
             raise ValueError(f"expected {len(self.feature_names)} features {self.feature_names}, got {obs.shape[1]}")
-        return torch.as_tensor(self.normalizer.normalize(obs), dtype=torch.float32)
+        s = torch.as_tensor(self.normalizer.normalize(obs), dtype=torch.float32)
+        return s.expand(self.members, *s.shape)
 
     @torch.no_grad()
+    def policy_members(self, obs: np.ndarray) -> np.ndarray:
+        """Every member's policy mean, clipped to the action bounds: [members, N]."""
+        mean, _ = self.nets.policy(self._obs(obs))
+        return mean[..., 0].clamp(self.action_low, self.action_high).numpy()
+
     def policy_action(self, obs: np.ndarray) -> np.ndarray:
-        """Mean of the Gaussian policy, clipped to the action bounds."""
-        mean, _ = self.nets.pi(self._obs(obs))
-        return mean[:, 0].clamp(self.action_low, self.action_high).numpy()
+        """Mean of the Gaussian policy, clipped to the action bounds (an ensemble: the members' mean)."""
+        return self.policy_members(obs).mean(axis=0)
+
+    def policy_spread(self, obs: np.ndarray) -> np.ndarray:
+        """Standard deviation of the members' actions [N] (0 for a single model): the uncertainty."""
+        members = self.policy_members(obs)
+        return members.std(axis=0, ddof=1) if self.members > 1 else np.zeros(members.shape[1], dtype=np.float32)
 
     @torch.no_grad()
     def q_value(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
         s = self._obs(obs)
-        a = torch.tensor(np.asarray(action, dtype=np.float32).reshape(-1, 1))
-        return self.nets.q(s, a).numpy()
+        a = torch.tensor(np.asarray(action, dtype=np.float32).reshape(1, -1, 1)).expand(self.members, -1, 1)
+        return self.nets.q_min(s, a).mean(0).numpy()
 
     @torch.no_grad()
     def value(self, obs: np.ndarray) -> np.ndarray:
-        return self.nets.v(self._obs(obs)).numpy()
+        return self.nets.value(self._obs(obs)).mean(0).numpy()
 
     def action_grid(self, size: int = ACTION_GRID_SIZE) -> np.ndarray:
         return np.linspace(self.action_low, self.action_high, size, dtype=np.float32)
@@ -80,10 +102,10 @@ class TrainedIQL:
         """Q(s, a) for every state and every action of ``grid``: [N, K]."""
         grid = self.action_grid() if grid is None else np.asarray(grid, dtype=np.float32)
         s = self._obs(obs)
-        n, k = s.shape[0], grid.shape[0]
-        s_rep = s.repeat_interleave(k, dim=0)
-        a_rep = torch.tensor(grid).repeat(n).reshape(-1, 1)
-        return self.nets.q(s_rep, a_rep).reshape(n, k).numpy()
+        n, k = s.shape[1], grid.shape[0]
+        s_rep = s.repeat_interleave(k, dim=1)
+        a_rep = torch.tensor(grid).repeat(n).reshape(1, -1, 1).expand(self.members, -1, 1)
+        return self.nets.q_min(s_rep, a_rep).mean(0).reshape(n, k).numpy()
 
     def greedy_action(self, obs: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
         grid = self.action_grid() if grid is None else np.asarray(grid, dtype=np.float32)

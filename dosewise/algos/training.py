@@ -5,25 +5,33 @@ A run directory holds ``config.yaml`` (the resolved config), ``tb/`` (TensorBoar
 ``model.pt`` (the inference bundle: networks, normalisation, feature ranges). A resumed run
 replays the same minibatches from the saved sampler state, so it ends with exactly the weights
 of an uninterrupted run.
+
+``seeds=[s1, ..., sK]`` trains an ensemble: K members on stacked weights in one process, each
+with its own initialisation and minibatch stream, so member k is the run with seed ``sK`` alone
+(within float tolerance). TensorBoard gets the members' mean (``loss/q``), their sd
+(``loss/q/sd``) and every member (``loss/q/seed_3``); ``losses.json`` has the final values.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from dosewise.algos.iql import IQL, Batch
+from dosewise.algos.iql import IQL, Batch, IQLConfig
 from dosewise.checkpoint import CheckpointError, load_safe, save_atomic
 from dosewise.config import IQLRunConfig, save_config
 from dosewise.data.transitions import Normalizer, Transitions
 
-CHECKPOINT_FORMAT = "dosewise.iql.checkpoint/1"
-MODEL_FORMAT = "dosewise.iql.model/1"
+# /2: stacked networks (one flat tensor per network, a leading member axis) and an ensemble's seeds.
+CHECKPOINT_FORMAT = "dosewise.iql.checkpoint/2"
+MODEL_FORMAT = "dosewise.iql.model/2"
 
 
 class TrainingError(RuntimeError):
@@ -39,7 +47,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _tensors(transitions: Transitions, normalizer: Normalizer) -> Batch:
+def data_tensors(transitions: Transitions, normalizer: Normalizer) -> Batch:
+    """The whole dataset as one Batch of tensors [N, ...], states normalised."""
     as_t = lambda x: torch.tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731  (copies)
     return Batch(
         obs=as_t(normalizer.normalize(transitions.observations)),
@@ -61,11 +70,46 @@ def model_bundle(learner: IQL, run: IQLRunConfig, transitions: Transitions, norm
         "normalizer": normalizer.to_dict(),
         "feature_ranges": {n: [float(obs[:, j].min()), float(obs[:, j].max())] for j, n in enumerate(transitions.feature_names)},
         "action_bounds": [run.data.action_low, run.data.action_high],
+        "seeds": list(learner.seeds),
+        "member_configs": [c.model_dump(mode="json") for c in learner.member_configs],
         "networks": learner.nets.state_dict(),
     }
 
 
-def _check_run_dir(out_dir: Path, run: IQLRunConfig, resume: bool) -> Path | None:
+def sample(data: Batch, samplers: Sequence[torch.Generator], batch_size: int) -> Batch:
+    """One minibatch per member, each drawn from its own stream: fields [K, B, ...]."""
+    n = data.obs.shape[0]
+    idx = torch.stack([torch.randint(n, (batch_size,), generator=g) for g in samplers])
+    return Batch(*(field[idx] for field in data))
+
+
+def log_values(metrics: dict[str, torch.Tensor], labels: Sequence[str]) -> dict[str, float]:
+    """Per-member metrics [K] -> scalars: one member as is; an ensemble as mean, sd and every member."""
+    table = torch.stack(list(metrics.values())).tolist()  # the one wait for the device per log
+    values: dict[str, float] = {}
+    for key, row in zip(metrics, table):
+        if len(labels) == 1:
+            values[key] = row[0]
+            continue
+        values[key] = sum(row) / len(row)
+        values[f"{key}/sd"] = math.sqrt(sum((x - values[key]) ** 2 for x in row) / (len(row) - 1))
+        values.update({f"{key}/{label}": x for label, x in zip(labels, row)})
+    return values
+
+
+def summarize_members(metrics: dict[str, torch.Tensor], seeds: Sequence[int], labels: Sequence[str] | None = None) -> dict:
+    """The final metrics per member and as mean and sd over members (``losses.json``)."""
+    table = {key: value.reshape(-1).tolist() for key, value in metrics.items()}
+    summary = {}
+    for key, row in table.items():
+        mean = sum(row) / len(row)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in row) / (len(row) - 1)) if len(row) > 1 else 0.0
+        summary[key] = {"mean": mean, "sd": sd}
+    labels = [str(s) for s in seeds] if labels is None else list(labels)
+    return {"seeds": list(seeds), "per_member": {name: {k: row[i] for k, row in table.items()} for i, name in enumerate(labels)}, "summary": summary}
+
+
+def _check_run_dir(out_dir: Path, run: IQLRunConfig, resume: bool, seeds: list[int], labels: list[str]) -> Path | None:
     ckpt = latest_checkpoint(out_dir)
     if not resume:
         if ckpt is not None or (out_dir / "model.pt").exists():
@@ -80,6 +124,11 @@ def _check_run_dir(out_dir: Path, run: IQLRunConfig, resume: bool) -> Path | Non
             raise TrainingError(f"{ckpt}: saved run used a different {key!r} config; resume with the same config and data")
     if saved["train"]["seed"] != mine["train"]["seed"]:
         raise TrainingError(f"{ckpt}: saved run used seed {saved['train']['seed']}, not {mine['train']['seed']}")
+    saved = load_safe(ckpt, CHECKPOINT_FORMAT)
+    if saved["seeds"] != seeds:
+        raise TrainingError(f"{ckpt}: saved run trained seeds {saved['seeds']}, not {seeds}; resume with the same --seeds")
+    if saved["members"] != labels:
+        raise TrainingError(f"{ckpt}: saved run trained members {saved['members']}, not {labels}; resume with the same sweep")
     return ckpt
 
 
@@ -89,22 +138,37 @@ def train_iql(
     out_dir: str | Path,
     resume: bool = False,
     show_progress: bool = True,
+    seeds: Sequence[int] | None = None,
+    compile: bool = False,
+    member_configs: Sequence[IQLConfig] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> IQL:
-    """Train IQL on ``transitions`` into ``out_dir``; returns the learner after ``run.train.steps`` steps."""
+    """Train IQL on ``transitions`` into ``out_dir``; returns the learner after ``run.train.steps`` steps.
+
+    ``seeds`` (default ``[run.train.seed]``) trains one ensemble member per seed; ``compile`` runs
+    the update through torch.compile (faster steps, up to ~30 s to compile; see `IQL`).
+    ``member_configs`` and ``labels`` are a sweep's (`dosewise.algos.sweep`): a config and a
+    name per member; seeds may then repeat."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = _check_run_dir(out_dir, run, resume)
+    seeds = [run.train.seed] if seeds is None else [int(s) for s in seeds]
+    if not seeds or (member_configs is None and len(set(seeds)) != len(seeds)):
+        raise TrainingError(f"ensemble seeds must be distinct and at least one, got {seeds}")
+    labels = [f"seed_{s}" for s in seeds] if labels is None else list(labels)
+    ckpt = _check_run_dir(out_dir, run, resume, seeds, labels)
     tc = run.train
 
     normalizer = Normalizer.fit(transitions.observations)
-    data = _tensors(transitions, normalizer)
-    learner = IQL(transitions.observations.shape[1], transitions.actions.shape[1], run.iql, seed=tc.seed)
-    sampler = torch.Generator().manual_seed(tc.seed)
+    data = data_tensors(transitions, normalizer)
+    obs_dim, action_dim = transitions.observations.shape[1], transitions.actions.shape[1]
+    learner = IQL(obs_dim, action_dim, run.iql, seeds=seeds, compile=compile, member_configs=member_configs)
+    samplers = [torch.Generator().manual_seed(s) for s in seeds]
     start = 0
     if ckpt is not None:
         state = load_safe(ckpt, CHECKPOINT_FORMAT)
         learner.load_state_dict(state["learner"])
-        sampler.set_state(state["sampler"])
+        for sampler, saved in zip(samplers, state["sampler"]):
+            sampler.set_state(saved.clone())  # a row of the stacked states, as its own tensor
         start = int(state["step"])
         if start > tc.steps:
             raise TrainingError(f"{ckpt} is at step {start}, past the requested {tc.steps} steps")
@@ -115,24 +179,27 @@ def train_iql(
     writer = SummaryWriter(str(out_dir / "tb"), purge_step=start + 1 if start else None)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(tc.threads)
-    n, batch_size = transitions.n, run.iql.batch_size
+    batch_size = run.iql.batch_size
+    metrics: dict[str, torch.Tensor] = {}
     columns = [TextColumn("[bold]IQL"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}")]
     try:
         with Progress(*columns, disable=not show_progress, transient=False) as progress:
             task = progress.add_task("train", total=tc.steps, completed=start, losses="")
             for step in range(start + 1, tc.steps + 1):
-                idx = torch.randint(n, (batch_size,), generator=sampler)
-                metrics = learner.update(Batch(*(field[idx] for field in data)))
+                metrics = learner.update(sample(data, samplers, batch_size))
                 checkpoint_now = bool(tc.checkpoint_every) and step % tc.checkpoint_every == 0
                 # Losses are checked before every checkpoint too, so no checkpoint ever holds NaN weights.
                 if step % tc.log_every == 0 or step == tc.steps or checkpoint_now:
-                    values = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
+                    values = log_values(metrics, labels)
                     for key, value in values.items():
                         writer.add_scalar(key, value, step)
                     if not all(math.isfinite(v) for v in values.values()):
+                        bad = [name for i, name in enumerate(labels) if not all(math.isfinite(float(m[i])) for m in metrics.values())]
                         raise TrainingError(
-                            f"training diverged at step {step}: "
-                            + ", ".join(f"{k}={v:.3g}" for k, v in values.items() if k.startswith("loss/"))
+                            f"training diverged at step {step}"
+                            + (f" ({', '.join(bad)})" if len(seeds) > 1 else "")
+                            + ": "
+                            + ", ".join(f"{k}={v:.3g}" for k, v in values.items() if k.count("/") == 1 and k.startswith("loss/"))
                             + "; lower iql.lr, or check the data for extreme rewards"
                         )
                     progress.update(task, losses=f"q {values['loss/q']:.3f}  v {values['loss/v']:.3f}  pi {values['loss/pi']:.3f}")
@@ -142,8 +209,10 @@ def train_iql(
                             "format": CHECKPOINT_FORMAT,
                             "step": step,
                             "run_config": run.model_dump(mode="json"),
+                            "seeds": seeds,
+                            "members": labels,
                             "learner": learner.state_dict(),
-                            "sampler": sampler.get_state(),
+                            "sampler": torch.stack([g.get_state() for g in samplers]),
                         },
                         checkpoint_path(out_dir, step),
                     )
@@ -151,8 +220,11 @@ def train_iql(
     finally:
         writer.close()
         torch.set_num_threads(threads_before)
+    if metrics:  # a run resumed at its last step takes no step and keeps its losses.json
+        member_labels = None if member_configs is None else labels
+        (out_dir / "losses.json").write_text(json.dumps(summarize_members(metrics, seeds, member_labels), indent=2))
     save_atomic(model_bundle(learner, run, transitions, normalizer, tc.steps), out_dir / "model.pt")
     return learner
 
 
-__all__ = ["train_iql", "TrainingError", "CheckpointError", "latest_checkpoint", "MODEL_FORMAT", "CHECKPOINT_FORMAT"]
+__all__ = ["CHECKPOINT_FORMAT", "MODEL_FORMAT", "CheckpointError", "TrainingError", "data_tensors", "latest_checkpoint", "sample", "train_iql"]

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from dosewise.algos.iql import (
     IQL,
     Batch,
-    GaussianPolicy,
     IQLConfig,
+    Networks,
     awr_weights,
     expectile_loss,
     gaussian_log_prob,
@@ -99,25 +99,39 @@ def test_gaussian_log_prob_standard_normal_at_zero() -> None:
 
 
 def test_gaussian_policy_mean_is_bounded_for_extreme_inputs() -> None:
-    torch.manual_seed(0)
-    pi = GaussianPolicy(obs_dim=4, action_dim=2, hidden=(8,), log_std_min=-5.0, log_std_max=2.0)
-    obs = torch.randn(64, 4) * 1e4
-    with torch.no_grad():
-        mean, log_std = pi(obs)
-    assert mean.shape == log_std.shape == (64, 2)
+    nets = Networks(obs_dim=4, action_dim=2, config=IQLConfig(hidden=(8,), log_std_min=-5.0, log_std_max=2.0))
+    obs = torch.randn(1, 64, 4) * 1e4
+    mean, log_std = nets.policy(obs)
+    assert mean.shape == log_std.shape == (1, 64, 2)
     assert ((mean >= -1) & (mean <= 1)).all()
     assert ((log_std >= -5.0) & (log_std <= 2.0)).all()
 
 
 def test_gaussian_policy_log_std_is_clamped_to_its_bounds() -> None:
-    pi = GaussianPolicy(obs_dim=3, action_dim=2, hidden=(4,), log_std_min=-5.0, log_std_max=2.0)
-    last = pi.net[-1]
+    nets = Networks(obs_dim=3, action_dim=2, config=IQLConfig(hidden=(4,), log_std_min=-5.0, log_std_max=2.0))
     with torch.no_grad():
-        last.weight.zero_()
-        last.bias.copy_(torch.tensor([0.3, -0.2, 10.0, -10.0]))  # [mu_1, mu_2, log_std_1, log_std_2]
-        mean, log_std = pi(torch.randn(5, 3))
-    torch.testing.assert_close(mean, torch.tanh(torch.tensor([0.3, -0.2])).expand(5, 2))
-    torch.testing.assert_close(log_std, torch.tensor([2.0, -5.0]).expand(5, 2))
+        nets.pi.zero_()  # the last layer's bias [mu_1, mu_2, log_std_1, log_std_2] is the last 4 entries
+        nets.pi[0, -4:] = torch.tensor([0.3, -0.2, 10.0, -10.0])
+    mean, log_std = nets.policy(torch.randn(1, 5, 3))
+    torch.testing.assert_close(mean[0], torch.tanh(torch.tensor([0.3, -0.2])).expand(5, 2))
+    torch.testing.assert_close(log_std[0], torch.tensor([2.0, -5.0]).expand(5, 2))
+
+
+def test_networks_match_nn_linear_layers() -> None:
+    """The flat layout is nn.Sequential(Linear, ReLU, ..., Linear) with weight.T and bias per layer."""
+    nets = Networks(obs_dim=3, action_dim=1, config=IQLConfig(hidden=(5, 4)))
+    layers, offset = [], 0
+    for fan_in, fan_out in nets.v_shapes:
+        linear = torch.nn.Linear(fan_in, fan_out)
+        with torch.no_grad():
+            linear.weight.copy_(nets.v[0, offset : offset + fan_in * fan_out].view(fan_in, fan_out).T)
+            linear.bias.copy_(nets.v[0, offset + fan_in * fan_out : offset + fan_in * fan_out + fan_out])
+        offset += fan_in * fan_out + fan_out
+        layers += [linear, torch.nn.ReLU()]
+    assert offset == nets.v.shape[1]
+    obs = torch.randn(7, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(nets.value(obs[None])[0], torch.nn.Sequential(*layers[:-1])(obs)[:, 0])
 
 
 # -- config validation ----------------------------------------------------------------------------
@@ -185,14 +199,12 @@ def test_update_returns_finite_scalar_metrics_and_is_deterministic_per_seed() ->
 def test_initial_target_critic_equals_critic_and_update_moves_it_by_polyak() -> None:
     learner = IQL(3, 1, IQLConfig(lr=1e-2, hidden=(8,), polyak=0.25), seed=0)
     q, q_target = learner.nets.q, learner.nets.q_target
-    for p, pt in zip(q.parameters(), q_target.parameters()):
-        assert torch.equal(p, pt)
-        assert not pt.requires_grad
-    before = [p.detach().clone() for p in q_target.parameters()]
+    assert torch.equal(q, q_target)
+    assert not q_target.requires_grad
+    before = q_target.clone()
     learner.update(_batch())
-    for old, p, pt in zip(before, q.parameters(), q_target.parameters()):
-        assert not torch.equal(p, old)  # the critic moved
-        torch.testing.assert_close(pt, old + 0.25 * (p.detach() - old))
+    assert not torch.equal(q, before)  # the critic moved
+    torch.testing.assert_close(q_target, before + 0.25 * (q - before))
 
 
 def test_iql_state_dict_round_trip_restores_networks_and_optimisers() -> None:

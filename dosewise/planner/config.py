@@ -1,0 +1,164 @@
+"""Configuration of the anesthesia planner (DESIGN.md section 2): model sizes, the training
+strategy of seed 000, the rebound alarm and the closed-loop check. One YAML file
+(`configs/planner_*.yaml`, read with `dosewise.config.load_config(path, PlannerRunConfig)`)
+says everything a run did and is saved next to it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from dosewise.data.anesthesia import CANONICAL, AnesthesiaDataConfig
+from dosewise.data.windows import WindowConfig
+
+# The five ways of combining Stage 1 (environment model) and Stage 2 (policy) of seed 000.
+Strategy = Literal["joint", "warmup", "weighted", "detach", "alternating"]
+STRATEGIES: tuple[str, ...] = ("joint", "warmup", "weighted", "detach", "alternating")
+# Environment metrics the rebound alarm watches (validation, lower is better).
+ENV_METRICS: tuple[str, ...] = ("val_bis_mae", "val_map_mae", "val_reward_mae", "val_value_mae")
+
+
+class PlannerModelConfig(BaseModel):
+    """Sizes of the representation / dynamics / prediction networks (RL-DITR, MuZero)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Width of every token and latent state; larger = more capacity, slower on CPU.
+    d_model: int = Field(64, ge=4)
+    # Attention heads per layer; must divide d_model.
+    n_heads: int = Field(4, ge=1)
+    # Causal transformer encoder layers over the history (representation).
+    encoder_layers: int = Field(2, ge=1)
+    # Transformer decoder layers of the dynamics (self-attention over the unrolled actions,
+    # cross-attention to the encoded history).
+    dynamics_layers: int = Field(2, ge=1)
+    # Hidden width of the feed-forward blocks, as a multiple of d_model.
+    ff_mult: int = Field(2, ge=1)
+    # Dropout in the transformer blocks; 0 keeps training deterministic and fast on small data.
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> PlannerModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        return self
+
+
+class StrategyConfig(BaseModel):
+    """How Stage 1 (BIS, MAP, reward, value losses) and Stage 2 (policy loss) are combined.
+
+    - joint: one loss, env + policy, one optimiser (the seed's original code).
+    - warmup: env losses only for `warmup_epochs`, then env + policy.
+    - weighted: policy + env_weight · env.
+    - detach: env + policy, but the policy loss sees detached latent states, so no gradient of
+      Stage 2 reaches the representation or the dynamics (no model exploitation).
+    - alternating: two optimisers (Lightning manual optimisation); each batch first steps the
+      environment model (representation, dynamics, BIS/MAP/reward/value heads) on the env loss,
+      then the policy network on the policy loss (detached states).
+    `warmup_epochs` and `env_weight` default to the strategy's own values (10 for warmup, 2.0
+    for weighted, 0 and 1.0 otherwise); set them to combine, e.g. warmup with env_weight 2.0
+    (the seed's recommendation).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Which of the five strategies; see the class docstring.
+    name: Strategy = "joint"
+    # Epochs at the start with env losses only (None: 10 under warmup, else 0).
+    warmup_epochs: int | None = Field(None, ge=0)
+    # Weight of the env loss against a policy weight of 1 (None: 2.0 under weighted, else 1.0).
+    env_weight: float | None = Field(None, gt=0.0)
+    # Stage 2 rollout: "teacher" rolls the dynamics with the expert's actions (teacher forcing),
+    # "policy" with the model's own argmax actions, each sample its own.
+    stage2_rollout: Literal["teacher", "policy"] = "teacher"
+
+    @property
+    def resolved_warmup_epochs(self) -> int:
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return 10 if self.name == "warmup" else 0
+
+    @property
+    def resolved_env_weight(self) -> float:
+        if self.env_weight is not None:
+            return self.env_weight
+        return 2.0 if self.name == "weighted" else 1.0
+
+    @property
+    def detach_policy(self) -> bool:
+        """True when no gradient of the policy loss may reach representation or dynamics."""
+        return self.name in ("detach", "alternating")
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # AdamW learning rate of the whole model (of the env model under alternating).
+    lr: float = Field(1e-3, gt=0.0)
+    # Learning rate of the policy optimiser under alternating (None: lr).
+    policy_lr: float | None = Field(None, gt=0.0)
+    # AdamW weight decay.
+    weight_decay: float = Field(1e-4, ge=0.0)
+    # Gradient-norm clipping (0: off).
+    grad_clip: float = Field(1.0, ge=0.0)
+
+
+class PlannerTrainConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Passes over the training windows.
+    epochs: int = Field(20, ge=1)
+    # Windows per minibatch.
+    batch_size: int = Field(128, ge=1)
+    # Seed of initialisation and minibatch order (the case split has its own, windows.seed).
+    seed: int = 0
+    # CPU threads torch may use. One is fastest on a shared 2-core machine (measured: two
+    # threads contending with other work ran a batch ~10x slower).
+    threads: int = Field(1, ge=1)
+    # Use at most this many training windows (random, seeded; 0: all); for quick runs.
+    max_train_windows: int = Field(0, ge=0)
+    # Use at most this many validation windows (random, seeded; 0: all).
+    max_val_windows: int = Field(0, ge=0)
+
+
+class MonitorConfig(BaseModel):
+    """Rebound alarm: an env metric that stays worse than its best so far by `margin`
+    (relative) for `patience` consecutive epochs, counted only after the policy starts
+    training (the warm-up) plus `grace_epochs`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Relative margin over the best value; 0.05 = 5 % worse than the best.
+    margin: float = Field(0.05, ge=0.0)
+    # Consecutive epochs above best · (1 + margin) that raise the alarm.
+    patience: int = Field(3, ge=1)
+    # Epochs after the warm-up before watching (early epochs are noisy).
+    grace_epochs: int = Field(2, ge=0)
+
+
+class ClosedLoopConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Held-out simulated cases for the closed-loop check after training (0: skip it).
+    cases: int = Field(50, ge=0)
+    # Seed of the held-out cohort; keep it apart from the training data's.
+    seed: int = 2000
+
+
+class PlannerRunConfig(BaseModel):
+    """Everything `dosewise train planner` needs besides the data file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    algo: Literal["planner"] = "planner"
+    data: AnesthesiaDataConfig = CANONICAL
+    windows: WindowConfig = WindowConfig()
+    model: PlannerModelConfig = PlannerModelConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    optim: OptimConfig = OptimConfig()
+    train: PlannerTrainConfig = PlannerTrainConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    closed_loop: ClosedLoopConfig = ClosedLoopConfig()
+    # The training file, filled in by `dosewise train planner`.
+    data_path: str | None = None

@@ -1,0 +1,79 @@
+"""Windows as torch tensors for the planner: inputs, Stage 1 targets (BIS, MAP, reward, value
+at every unrolled step) and Stage 2 targets (the clinician's actions), served in whole
+minibatches by index (no per-window collation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from dosewise.data.windows import Windows
+
+Batch = dict[str, Tensor]
+
+
+def value_targets(windows: Windows, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return G_{t+k} of every unrolled step k = 0..K-1 and where it is defined.
+
+    G_{t} is `windows.returns`; G_{t+k} = (G_{t+k-1} - r_{k-1}) / gamma, r_{k-1} being the reward
+    of reaching step t+k (for gamma = 0, G_{t+k} = r_k). Defined where step t+k+1 exists
+    (future_mask). Returns values [W, K] float32 (0 where undefined) and mask [W, K] bool.
+    """
+    rewards = windows.rewards.astype(np.float64)
+    k_steps = rewards.shape[1]
+    values = np.zeros(rewards.shape, dtype=np.float64)
+    values[:, 0] = windows.returns
+    for k in range(1, k_steps):
+        values[:, k] = rewards[:, k] if gamma == 0.0 else (values[:, k - 1] - rewards[:, k - 1]) / gamma
+    mask = windows.future_mask.copy()
+    return np.where(mask, values, 0.0).astype(np.float32), mask
+
+
+def window_tensors(windows: Windows, gamma: float) -> Batch:
+    """All arrays the planner trains on, as tensors with the first axis W."""
+    values, value_mask = value_targets(windows, gamma)
+    return {
+        "history": torch.from_numpy(windows.history.astype(np.float32)),  # [W, L, 7]
+        "history_mask": torch.from_numpy(windows.history_mask),  # [W, L] bool
+        "static": torch.from_numpy(windows.static.astype(np.float32)),  # [W, S]
+        "actions": torch.from_numpy(windows.actions.astype(np.int64)),  # [W, K, 2]
+        "target_bis": torch.from_numpy(windows.target_bis.astype(np.int64)),  # [W, K]
+        "target_map": torch.from_numpy(windows.target_map.astype(np.int64)),  # [W, K]
+        "rewards": torch.from_numpy(windows.rewards.astype(np.float32)),  # [W, K]
+        "values": torch.from_numpy(values),  # [W, K] G_{t+k}
+        "value_mask": torch.from_numpy(value_mask),  # [W, K] bool
+        "future_mask": torch.from_numpy(windows.future_mask),  # [W, K] bool
+    }
+
+
+class WindowBatches(Dataset):
+    """A dataset indexed by lists of window positions: item [i, j, ...] is the whole batch."""
+
+    def __init__(self, tensors: Batch) -> None:
+        self.tensors = tensors
+        self.n = len(next(iter(tensors.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: list[int]) -> Batch:
+        rows = torch.as_tensor(index, dtype=torch.long)
+        return {name: tensor[rows] for name, tensor in self.tensors.items()}
+
+
+def batch_loader(tensors: Batch, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Minibatches of `batch_size` windows (the last one smaller), shuffled with `seed` per epoch."""
+    dataset = WindowBatches(tensors)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+
+
+def subsample(windows: Windows, limit: int, seed: int) -> Windows:
+    """At most `limit` windows drawn without replacement (seeded, order kept); 0: all."""
+    if limit == 0 or len(windows) <= limit:
+        return windows
+    keep = np.sort(np.random.default_rng(seed).choice(len(windows), limit, replace=False))
+    return windows.select(keep)

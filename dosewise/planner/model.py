@@ -1,0 +1,244 @@
+"""The planner's model, after RL-DITR (Nature Medicine 2023) and MuZero: a representation
+encodes the history into latent states, a dynamics network unrolls them one step per
+action pair, and heads read policy, value, reward, BIS and MAP off the latent states.
+
+Shapes: B windows, L = max_len history steps, K = pre_len unrolled steps, d = d_model,
+A = RATE_LEVELS (201) levels per drug, 2 drugs (propofol, remifentanil, order RATES).
+
+- Representation: a causal transformer encoder over L+1 tokens: token 0 carries the static
+  covariates, token i (1..L) the vitals of history step i and embeddings of both rates set
+  one step before. Causal: output i depends on tokens 0..i only. Left padding is masked as
+  keys; the always-present covariate token keeps every query well defined.
+  state_0 is the encoded history (memory [B, L+1, d]); the root latent s_0 is its last token.
+- Dynamics: a transformer decoder over K tokens, token k = proj(s_0) + step k + embeddings of
+  action pair a_k (each sample its own); causal self-attention (step k sees a_0..a_k) and
+  cross-attention to state_0. Output k is s_{k+1}, the latent state after a_k. Because the
+  self-attention is causal, running all K steps at once equals unrolling one step at a time.
+- Prediction on s_k (k = 0..K-1): two categorical policies over A levels and a value.
+- Reward, BIS (101 classes, 0..100) and MAP (201 classes, 0..200 mmHg) heads on s_{k+1}.
+
+Inputs are normalised inside the model with statistics of the training windows
+(`PlannerStats`), stored as buffers, so a saved state dict is self-contained. Value and reward
+are predicted in normalised units; `value_in_units` / `reward_in_units` convert them back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dosewise.data.anesthesia import RATE_MAX
+from dosewise.data.windows import BIS_MAX, MAP_MAX, Windows
+from dosewise.planner.config import PlannerModelConfig
+
+# Action levels per drug (rates 0..RATE_MAX mL/h).
+RATE_LEVELS = RATE_MAX + 1
+N_VITALS = 5  # BIS, MAP, SBP, DBP, HR: the first five history features
+N_DRUGS = 2
+
+
+@dataclass(frozen=True)
+class PlannerStats:
+    """Normalisation of the training windows (float64 numbers; stored in the model as buffers)."""
+
+    vital_mean: np.ndarray  # [5]
+    vital_std: np.ndarray  # [5]
+    static_mean: np.ndarray  # [S]
+    static_std: np.ndarray  # [S]
+    reward_mean: float
+    reward_std: float
+    return_mean: float
+    return_std: float
+
+    @classmethod
+    def from_windows(cls, windows: Windows) -> PlannerStats:
+        """Statistics over the real (unpadded) history steps, the windows' covariates, the real
+        future rewards and the returns. Standard deviations are floored at 1e-3."""
+        real = windows.history[windows.history_mask][:, :N_VITALS].astype(np.float64)
+        rewards = windows.rewards[windows.future_mask].astype(np.float64)
+        floor = lambda x: np.maximum(x, 1e-3)
+        return cls(
+            vital_mean=real.mean(axis=0),
+            vital_std=floor(real.std(axis=0)),
+            static_mean=windows.static.astype(np.float64).mean(axis=0),
+            static_std=floor(windows.static.astype(np.float64).std(axis=0)),
+            reward_mean=float(rewards.mean()),
+            reward_std=float(floor(rewards.std())),
+            return_mean=float(windows.returns.mean()),
+            return_std=float(floor(windows.returns.std())),
+        )
+
+
+@dataclass(frozen=True)
+class PlannerOutput:
+    """Everything one forward pass predicts; logits are unnormalised."""
+
+    policy_logits: Tensor  # [B, K, 2, A] from s_0..s_{K-1}
+    value: Tensor  # [B, K] normalised, from s_0..s_{K-1}
+    reward: Tensor  # [B, K] normalised, from s_1..s_K
+    bis_logits: Tensor  # [B, K, BIS_MAX + 1] from s_1..s_K
+    map_logits: Tensor  # [B, K, MAP_MAX + 1] from s_1..s_K
+    states: Tensor  # [B, K + 1, d] s_0..s_K
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+def causal_mask(n: int, device: torch.device | None = None) -> Tensor:
+    """[n, n] bool, True where attention is NOT allowed (a later position)."""
+    return torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
+
+
+class PlannerModel(nn.Module):
+    """Representation, dynamics and prediction networks of the planner (module docstring)."""
+
+    def __init__(self, config: PlannerModelConfig, max_len: int, pre_len: int, n_static: int = 5) -> None:
+        super().__init__()
+        self.config, self.max_len, self.pre_len, self.n_static = config, max_len, pre_len, n_static
+        d = config.d_model
+        for name, size in (("vital_mean", N_VITALS), ("static_mean", n_static)):
+            self.register_buffer(name, torch.zeros(size))
+            self.register_buffer(name.replace("mean", "std"), torch.ones(size))
+        for name in ("reward_mean", "return_mean"):
+            self.register_buffer(name, torch.zeros(()))
+            self.register_buffer(name.replace("mean", "std"), torch.ones(()))
+
+        # Representation.
+        self.vitals_in = nn.Linear(N_VITALS, d)
+        self.prev_action_embed = nn.ModuleList(nn.Embedding(RATE_LEVELS, d) for _ in range(N_DRUGS))
+        self.static_in = nn.Linear(n_static, d)
+        self.position = nn.Embedding(max_len + 1, d)
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(
+                d, config.n_heads, config.ff_mult * d, config.dropout, activation="gelu", batch_first=True, norm_first=True
+            ),
+            config.encoder_layers,
+            norm=nn.LayerNorm(d),
+            enable_nested_tensor=False,
+        )
+        # Dynamics.
+        self.root_in = nn.Linear(d, d)
+        self.action_embed = nn.ModuleList(nn.Embedding(RATE_LEVELS, d) for _ in range(N_DRUGS))
+        self.step = nn.Embedding(pre_len, d)
+        self.dynamics = nn.TransformerDecoder(
+            nn.TransformerDecoderLayer(
+                d, config.n_heads, config.ff_mult * d, config.dropout, activation="gelu", batch_first=True, norm_first=True
+            ),
+            config.dynamics_layers,
+            norm=nn.LayerNorm(d),
+        )
+        # Prediction (policy network separate from the value head, so that optimisers can split them).
+        self.policy_head = _mlp(d, d, N_DRUGS * RATE_LEVELS)
+        self.value_head = _mlp(d, d, 1)
+        # Environment heads on s_{k+1}.
+        self.reward_head = _mlp(d, d, 1)
+        self.bis_head = nn.Linear(d, BIS_MAX + 1)
+        self.map_head = nn.Linear(d, MAP_MAX + 1)
+
+    # -- statistics ---------------------------------------------------------------------------
+
+    def set_stats(self, stats: PlannerStats) -> None:
+        """Copy training-window statistics into the buffers."""
+        with torch.no_grad():
+            for name in ("vital_mean", "vital_std", "static_mean", "static_std"):
+                getattr(self, name).copy_(torch.as_tensor(getattr(stats, name), dtype=torch.float32))
+            for name in ("reward_mean", "reward_std", "return_mean", "return_std"):
+                getattr(self, name).fill_(float(getattr(stats, name)))
+
+    def value_in_units(self, value: Tensor) -> Tensor:
+        return value * self.return_std + self.return_mean
+
+    def reward_in_units(self, reward: Tensor) -> Tensor:
+        return reward * self.reward_std + self.reward_mean
+
+    # -- networks -------------------------------------------------------------------------------
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """'policy': the policy network; 'env': everything else (representation, dynamics,
+        value, reward, BIS and MAP heads)."""
+        policy = list(self.policy_head.parameters())
+        ids = {id(p) for p in policy}
+        return {"policy": policy, "env": [p for p in self.parameters() if id(p) not in ids]}
+
+    def represent(self, history: Tensor, history_mask: Tensor, static: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode the history.
+
+        history [B, L, 7] float (vitals, then the previous propofol and remifentanil rates),
+        history_mask [B, L] bool (True = real step), static [B, S] float.
+        Returns memory [B, L+1, d] (token 0: covariates) and memory_padding [B, L+1] bool
+        (True = padding, to be ignored as a key). The root latent s_0 is memory[:, -1].
+        """
+        vitals = (history[..., :N_VITALS] - self.vital_mean) / self.vital_std
+        previous = history[..., N_VITALS:].round().long().clamp(0, RATE_MAX)
+        steps = self.vitals_in(vitals) + sum(embed(previous[..., j]) for j, embed in enumerate(self.prev_action_embed))
+        covariates = self.static_in((static - self.static_mean) / self.static_std).unsqueeze(1)
+        tokens = torch.cat([covariates, steps], dim=1) + self.position.weight[: history.shape[1] + 1]
+        padding = torch.cat([torch.zeros_like(history_mask[:, :1]), ~history_mask.bool()], dim=1)
+        memory = self.encoder(tokens, mask=causal_mask(tokens.shape[1], tokens.device), src_key_padding_mask=padding)
+        return memory, padding
+
+    def unroll(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
+        """Latent states after each action pair: actions [B, k, 2] int (k <= K) -> [B, k, d],
+        row j being s_{j+1}. Output j depends on actions 0..j only."""
+        k = actions.shape[1]
+        root = self.root_in(memory[:, -1]).unsqueeze(1)  # [B, 1, d]
+        actions = actions.long().clamp(0, RATE_MAX)
+        tokens = root + self.step.weight[:k] + sum(embed(actions[..., j]) for j, embed in enumerate(self.action_embed))
+        return self.dynamics(
+            tokens, memory, tgt_mask=causal_mask(k, tokens.device), memory_key_padding_mask=memory_padding
+        )
+
+    def policy_logits(self, states: Tensor) -> Tensor:
+        """states [..., d] -> [..., 2, A]."""
+        return self.policy_head(states).unflatten(-1, (N_DRUGS, RATE_LEVELS))
+
+    def value(self, states: Tensor) -> Tensor:
+        """states [..., d] -> [...] normalised value."""
+        return self.value_head(states).squeeze(-1)
+
+    def forward(self, history: Tensor, history_mask: Tensor, static: Tensor, actions: Tensor) -> PlannerOutput:
+        """Unroll the dynamics with the given actions [B, K, 2] (the true ones in Stage 1)."""
+        memory, padding = self.represent(history, history_mask, static)
+        after = self.unroll(memory, padding, actions)  # [B, K, d] s_1..s_K
+        states = torch.cat([memory[:, -1:], after], dim=1)  # [B, K+1, d]
+        before = states[:, :-1]
+        return PlannerOutput(
+            policy_logits=self.policy_logits(before),
+            value=self.value(before),
+            reward=self.reward_head(after).squeeze(-1),
+            bis_logits=self.bis_head(after),
+            map_logits=self.map_head(after),
+            states=states,
+        )
+
+    def rollout_policy(self, memory: Tensor, memory_padding: Tensor, steps: int, detach_dynamics: bool = False) -> tuple[Tensor, Tensor]:
+        """Unroll with the model's own argmax actions, each sample its own, one step at a time.
+
+        Returns the states s_0..s_{steps-1} [B, steps, d] the policy is read from, and the
+        actions taken [B, steps, 2]. With detach_dynamics the states carry no gradient.
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_dynamics):
+            states = [memory[:, -1]]
+            actions = torch.zeros(memory.shape[0], 0, N_DRUGS, dtype=torch.long, device=memory.device)
+            for _ in range(steps):
+                chosen = self.policy_logits(states[-1]).argmax(-1)  # [B, 2]
+                actions = torch.cat([actions, chosen.unsqueeze(1)], dim=1)
+                if actions.shape[1] < steps:
+                    states.append(self.unroll(memory, memory_padding, actions)[:, -1])
+            return torch.stack(states, dim=1), actions
+
+    @torch.no_grad()
+    def act(self, history: Tensor, history_mask: Tensor, static: Tensor) -> Tensor:
+        """Argmax rates at the current step: [B, 2] int64 levels 0..RATE_MAX."""
+        memory, _ = self.represent(history, history_mask, static)
+        return self.policy_logits(memory[:, -1]).argmax(-1)
+
+
+def expected_class(logits: Tensor) -> Tensor:
+    """Expected class index under softmax(logits) over the last axis: [..., C] -> [...]."""
+    classes = torch.arange(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    return logits.softmax(-1) @ classes

@@ -1,0 +1,56 @@
+"""`dosewise train planner` as a Python function: config file + cases file -> trained run
+directory with summary.json (final metrics, alarms, closed-loop results)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dosewise.config import load_config
+from dosewise.data.anesthesia import load_cases
+from dosewise.data.windows import build_windows, split_by_case
+from dosewise.planner.config import PlannerRunConfig, PlannerTrainConfig
+from dosewise.planner.data import subsample
+from dosewise.planner.training import PlannerRun, train_planner
+
+
+def resolve_run(config: str | Path | None, data: str | Path, epochs: int | None = None) -> PlannerRunConfig:
+    """The run config from a YAML file (default: all defaults, the joint strategy), with the
+    data path recorded and `epochs` overriding train.epochs."""
+    run = load_config(config, PlannerRunConfig) if config else PlannerRunConfig()
+    train = run.train.model_dump()
+    if epochs is not None:
+        train["epochs"] = epochs
+    return run.model_copy(update={"train": PlannerTrainConfig(**train), "data_path": str(Path(data).resolve())})
+
+
+def train_planner_from_file(
+    run: PlannerRunConfig,
+    data: str | Path,
+    out: str | Path,
+    show_progress: bool = False,
+    echo: Callable[[str], Any] = print,
+) -> PlannerRun:
+    """Load cases, split by case (train/val; test is kept for later), build windows, train,
+    then run the argmax policy closed-loop next to the simulated anesthesiologist on
+    `run.closed_loop.cases` held-out simulated cases; writes everything into `out`."""
+    frame, report = load_cases(data, run.data)
+    if report.cases_dropped:
+        echo(f"dropped {len(report.cases_dropped)} of {report.cases + len(report.cases_dropped)} cases: {report.cases_dropped}")
+    parts = split_by_case(frame, run.windows)
+    train = subsample(build_windows(parts["train"], run.windows), run.train.max_train_windows, run.train.seed)
+    val = subsample(build_windows(parts["val"], run.windows), run.train.max_val_windows, run.train.seed + 1)
+    echo(
+        f"{report.cases} cases -> {len(train)} training / {len(val)} validation windows; "
+        f"strategy {run.strategy.name}, {run.train.epochs} epochs -> {out}"
+    )
+    result = train_planner(run, train, val, out, show_progress=show_progress)
+    if run.closed_loop.cases:
+        from dosewise.planner.policy import closed_loop_comparison
+
+        echo(f"closed loop: planner (argmax) and simulated anesthesiologist on {run.closed_loop.cases} held-out cases")
+        result.summary["closed_loop"] = closed_loop_comparison(result.model, run.closed_loop.cases, run.closed_loop.seed)
+        (Path(out) / "summary.json").write_text(json.dumps(result.summary, indent=2))
+    return result

@@ -1,0 +1,430 @@
+"""Training of the planner (seed 000, DESIGN.md section 2) on PyTorch Lightning.
+
+Reads top to bottom: losses of Stage 1 and Stage 2 → how each strategy combines them →
+validation metrics and the rebound alarm → the LightningModule → `train_planner`.
+
+- Stage 1 unrolls the dynamics with the TRUE actions for pre_len steps: cross-entropy of the
+  categorical BIS and MAP heads, MSE of reward and value (normalised units).
+- Stage 2 unrolls from state_0 and trains the policy by behaviour cloning: cross-entropy of
+  both drugs' categorical policies against the clinician's action at every unrolled step.
+  Teacher forcing (the default) rolls out with the clinician's actions, each sample its own,
+  so the Stage 2 states are Stage 1's; `stage2_rollout: policy` rolls out with the model's own
+  argmax actions instead. The MCTS term of the seed is not implemented yet.
+- Strategies (`StrategyConfig`): joint, warmup, weighted, detach, alternating.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch import Tensor
+
+from dosewise.checkpoint import load_safe, save_atomic
+from dosewise.config import save_config
+from dosewise.data.windows import Windows
+from dosewise.planner.config import ENV_METRICS, MonitorConfig, PlannerRunConfig, StrategyConfig
+from dosewise.planner.data import Batch, batch_loader, window_tensors
+from dosewise.planner.model import PlannerModel, PlannerOutput, PlannerStats, expected_class
+
+log = logging.getLogger("dosewise.planner")
+
+MODEL_FORMAT = "dosewise-planner-v1"
+
+
+# -- losses -------------------------------------------------------------------------------------
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of values where mask (same shape) is True; 0 when nothing is."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def categorical_loss(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean cross-entropy: logits [..., C], target [...] int, mask [...] bool."""
+    ce = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
+    return masked_mean(ce, mask)
+
+
+@dataclass(frozen=True)
+class PlannerLosses:
+    """Scalar losses of one batch; `env` is Stage 1, `policy` Stage 2."""
+
+    bis: Tensor
+    map: Tensor
+    reward: Tensor
+    value: Tensor
+    policy: Tensor
+
+    @property
+    def env(self) -> Tensor:
+        return self.bis + self.map + self.reward + self.value
+
+    def as_floats(self) -> dict[str, float]:
+        values = {name: float(getattr(self, name).detach()) for name in ("bis", "map", "reward", "value", "policy")}
+        return {**values, "env": values["bis"] + values["map"] + values["reward"] + values["value"]}
+
+
+def stage1_losses(model: PlannerModel, out: PlannerOutput, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BIS, MAP, reward and value losses of the true-action unroll."""
+    future = batch["future_mask"]
+    reward_target = (batch["rewards"] - model.reward_mean) / model.reward_std
+    value_target = (batch["values"] - model.return_mean) / model.return_std
+    return (
+        categorical_loss(out.bis_logits, batch["target_bis"], future),
+        categorical_loss(out.map_logits, batch["target_map"], future),
+        masked_mean((out.reward - reward_target) ** 2, future),
+        masked_mean((out.value - value_target) ** 2, batch["value_mask"]),
+    )
+
+
+def stage2_states(model: PlannerModel, out: PlannerOutput, batch: Batch, strategy: StrategyConfig) -> Tensor:
+    """Latent states s_0..s_{K-1} [B, K, d] the policy is trained on. Detached under the detach
+    and alternating strategies: the policy loss then reaches the policy network only."""
+    detach = strategy.detach_policy
+    if strategy.stage2_rollout == "teacher":
+        states = out.states[:, :-1]  # teacher forcing: the unroll with the clinician's actions
+        return states.detach() if detach else states
+    memory, padding = model.represent(batch["history"], batch["history_mask"], batch["static"])
+    states, _ = model.rollout_policy(memory, padding, batch["actions"].shape[1], detach_dynamics=detach)
+    return states.detach() if detach else states
+
+
+def planner_losses(model: PlannerModel, batch: Batch, strategy: StrategyConfig) -> tuple[PlannerLosses, PlannerOutput]:
+    """Stage 1 and Stage 2 losses of one batch (one forward pass with the true actions)."""
+    out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
+    bis, map_, reward, value = stage1_losses(model, out, batch)
+    logits = model.policy_logits(stage2_states(model, out, batch, strategy))  # [B, K, 2, A]
+    mask = batch["future_mask"].unsqueeze(-1).expand_as(batch["actions"])
+    policy = 2.0 * categorical_loss(logits, batch["actions"], mask)  # sum over the two drugs
+    return PlannerLosses(bis=bis, map=map_, reward=reward, value=value, policy=policy), out
+
+
+def combined_loss(losses: PlannerLosses, strategy: StrategyConfig, epoch: int) -> Tensor:
+    """The single loss of joint / warmup / weighted / detach: env_weight · env, plus the policy
+    loss once the warm-up is over. (Detach differs in the states, not in the sum.)"""
+    env = strategy.resolved_env_weight * losses.env
+    return env + losses.policy if policy_active(strategy, epoch) else env
+
+
+def policy_active(strategy: StrategyConfig, epoch: int) -> bool:
+    return epoch >= strategy.resolved_warmup_epochs
+
+
+# -- validation metrics and the rebound alarm ---------------------------------------------------
+
+
+class ValidationAccumulator:
+    """Sums of absolute errors over validation batches, per unrolled step.
+
+    BIS and MAP predictions are the expected value of the categorical heads (softmax-weighted
+    mean of the classes), in BIS points and mmHg; reward and value in their own units; the action
+    error is |argmax policy at s_0 − clinician's rate| in mL/h at the decision step (k = 0).
+    """
+
+    def __init__(self, pre_len: int) -> None:
+        self.sums = {name: torch.zeros(pre_len, dtype=torch.float64) for name in ("bis", "map", "reward", "value")}
+        self.counts = {name: torch.zeros(pre_len, dtype=torch.float64) for name in ("bis", "map", "reward", "value")}
+        self.action_sum = torch.zeros(2, dtype=torch.float64)
+        self.action_count = 0
+        self.loss_sums: dict[str, float] = {}
+        self.batches = 0
+
+    @torch.no_grad()
+    def add(self, model: PlannerModel, out: PlannerOutput, batch: Batch, losses: PlannerLosses) -> None:
+        future, value_mask = batch["future_mask"], batch["value_mask"]
+        errors = {
+            "bis": ((expected_class(out.bis_logits) - batch["target_bis"]).abs(), future),
+            "map": ((expected_class(out.map_logits) - batch["target_map"]).abs(), future),
+            "reward": ((model.reward_in_units(out.reward) - batch["rewards"]).abs(), future),
+            "value": ((model.value_in_units(out.value) - batch["values"]).abs(), value_mask),
+        }
+        for name, (error, mask) in errors.items():
+            self.sums[name] += (error * mask).sum(0).double()
+            self.counts[name] += mask.sum(0).double()
+        chosen = out.policy_logits[:, 0].argmax(-1)  # [B, 2]
+        self.action_sum += (chosen - batch["actions"][:, 0]).abs().sum(0).double()
+        self.action_count += chosen.shape[0]
+        for name, value in losses.as_floats().items():
+            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
+        self.batches += 1
+
+    def metrics(self) -> dict[str, float]:
+        """val_{bis,map,reward,value}_mae (all unrolled steps), val_action_mae_{ppf,rftn},
+        rollout/{bis,map,reward}_mae_h{1..K} (true-action rollout, per horizon step) and
+        val_loss/* (mean over batches)."""
+        result: dict[str, float] = {}
+        for name in ("bis", "map", "reward", "value"):
+            result[f"val_{name}_mae"] = float(self.sums[name].sum() / self.counts[name].sum().clamp_min(1.0))
+        result["val_action_mae_ppf"] = float(self.action_sum[0] / max(self.action_count, 1))
+        result["val_action_mae_rftn"] = float(self.action_sum[1] / max(self.action_count, 1))
+        for name in ("bis", "map", "reward"):
+            per_step = self.sums[name] / self.counts[name].clamp_min(1.0)
+            for k, value in enumerate(per_step.tolist()):
+                result[f"rollout/{name}_mae_h{k + 1}"] = value
+        for name, total in self.loss_sums.items():
+            result[f"val_loss/{name}"] = total / max(self.batches, 1)
+        return result
+
+
+@dataclass
+class ReboundMonitor:
+    """Raises an alarm when an env metric stays worse than its best so far by `margin`
+    (relative) for `patience` consecutive epochs, from epoch `start_epoch` on. The best is
+    tracked from epoch 0 (warm-up included). One alarm per excursion; it re-arms on recovery."""
+
+    config: MonitorConfig
+    start_epoch: int
+    metrics: tuple[str, ...] = ENV_METRICS
+    best: dict[str, tuple[float, int]] = field(default_factory=dict)
+    streak: dict[str, int] = field(default_factory=dict)
+    alarms: list[dict[str, Any]] = field(default_factory=list)
+
+    def update(self, epoch: int, values: dict[str, float]) -> list[dict[str, Any]]:
+        """Feed one epoch's metrics; returns the alarms raised at this epoch."""
+        raised = []
+        for name in self.metrics:
+            if name not in values or not math.isfinite(values[name]):
+                continue
+            value = values[name]
+            best, best_epoch = self.best.get(name, (math.inf, -1))
+            worse = value > best * (1.0 + self.config.margin)  # the metrics are errors, >= 0
+            if epoch >= self.start_epoch and worse:
+                self.streak[name] = self.streak.get(name, 0) + 1
+                if self.streak[name] == self.config.patience:
+                    alarm = {
+                        "metric": name,
+                        "epoch": epoch,
+                        "since_epoch": epoch - self.config.patience + 1,
+                        "value": value,
+                        "best": best,
+                        "best_epoch": best_epoch,
+                    }
+                    self.alarms.append(alarm)
+                    raised.append(alarm)
+            else:
+                self.streak[name] = 0
+            if value < best:
+                self.best[name] = (value, epoch)
+        return raised
+
+
+# -- the LightningModule ------------------------------------------------------------------------
+
+
+class PlannerModule(pl.LightningModule):
+    """Stage 1 + Stage 2 under one of the five strategies. `history` holds every validation
+    epoch's metrics; `monitor` the rebound alarms."""
+
+    def __init__(self, run: PlannerRunConfig, stats: PlannerStats | None = None) -> None:
+        super().__init__()
+        self.run = run
+        self.strategy = run.strategy
+        self.model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
+        if stats is not None:
+            self.model.set_stats(stats)
+        self.automatic_optimization = run.strategy.name != "alternating"
+        self.monitor = ReboundMonitor(run.monitor, start_epoch=run.strategy.resolved_warmup_epochs + run.monitor.grace_epochs)
+        self.history: list[dict[str, float]] = []
+        self.epoch_times: list[float] = []
+        self._val: ValidationAccumulator | None = None
+        self._epoch_start = 0.0
+
+    def configure_optimizers(self):
+        optim = self.run.optim
+        groups = self.model.parameter_groups()
+        if self.automatic_optimization:
+            return torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        env = torch.optim.AdamW(groups["env"], lr=optim.lr, weight_decay=optim.weight_decay)
+        policy = torch.optim.AdamW(groups["policy"], lr=optim.policy_lr or optim.lr, weight_decay=optim.weight_decay)
+        return [env, policy]
+
+    def training_step(self, batch: Batch, batch_idx: int):
+        losses, _ = planner_losses(self.model, batch, self.strategy)
+        epoch = self.current_epoch
+        size = batch["history"].shape[0]
+        for name, value in losses.as_floats().items():
+            self.log(f"loss/{name}", value, on_step=False, on_epoch=True, batch_size=size)
+        if self.automatic_optimization:
+            loss = combined_loss(losses, self.strategy, epoch)
+            self.log("loss/total", loss.detach(), on_step=False, on_epoch=True, batch_size=size)
+            return loss
+        # Alternating: the env model steps on the env loss, then the policy network on the policy
+        # loss (computed on detached states, so it only reaches the policy network).
+        env_opt, policy_opt = self.optimizers()
+        clip = self.run.optim.grad_clip or None
+        env_opt.zero_grad()
+        policy_opt.zero_grad()
+        self.manual_backward(self.strategy.resolved_env_weight * losses.env)
+        if clip:
+            self.clip_gradients(env_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        env_opt.step()
+        if policy_active(self.strategy, epoch):
+            self.manual_backward(losses.policy)
+            if clip:
+                self.clip_gradients(policy_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            policy_opt.step()
+        return None
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        elapsed = time.perf_counter() - self._epoch_start
+        self.epoch_times.append(elapsed)
+        self.log("time/epoch_s", elapsed)
+        self.log("charts/policy_active", float(policy_active(self.strategy, self.current_epoch)))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = ValidationAccumulator(self.run.windows.pre_len)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        losses, out = planner_losses(self.model, batch, self.strategy)
+        self._val.add(self.model, out, batch, losses)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = self._val.metrics()
+        for name, value in metrics.items():
+            self.log(name, value)
+        raised = self.monitor.update(self.current_epoch, metrics)
+        for alarm in raised:
+            log.warning(
+                "rebound alarm: %s = %.4g at epoch %d, worse than its best %.4g (epoch %d) by more than %.0f %% for %d epochs",
+                alarm["metric"], alarm["value"], alarm["epoch"], alarm["best"], alarm["best_epoch"],
+                100 * self.run.monitor.margin, self.run.monitor.patience,
+            )
+        self.log("alarm/rebounds", float(len(self.monitor.alarms)))
+        self.history.append({"epoch": self.current_epoch, **metrics})
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.run.optim.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.run.optim.grad_clip, gradient_clip_algorithm="norm")
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannerRun:
+    """What `train_planner` returns: the trained module and the summary written to summary.json."""
+
+    module: PlannerModule
+    summary: dict[str, Any]
+
+    @property
+    def model(self) -> PlannerModel:
+        return self.module.model
+
+
+def save_planner(model: PlannerModel, run: PlannerRunConfig, path: str | Path) -> None:
+    """model.pt: the resolved config and the state dict (statistics included), tensors and
+    plain data only, so `torch.load(weights_only=True)` reads it."""
+    save_atomic({"format": MODEL_FORMAT, "config": run.model_dump(mode="json"), "state_dict": model.state_dict()}, path)
+
+
+def load_planner(path: str | Path) -> tuple[PlannerModel, PlannerRunConfig]:
+    """Model (eval mode) and config from a model.pt or a run directory holding one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    saved = load_safe(path, MODEL_FORMAT)
+    run = PlannerRunConfig.model_validate(saved["config"])
+    model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), run
+
+
+def train_planner(
+    run: PlannerRunConfig,
+    train: Windows,
+    val: Windows,
+    out: str | Path,
+    show_progress: bool = False,
+) -> PlannerRun:
+    """Train on `train` windows, validate on `val` every epoch; writes into `out`:
+    config.yaml, tb/ (TensorBoard), csv/metrics.csv, checkpoints/ (Lightning: last.ckpt and the
+    best val_bis_mae), model.pt and summary.json. Seeded: the same inputs give the same weights."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(run, out / "config.yaml")
+    torch.set_num_threads(run.train.threads)
+    pl.seed_everything(run.train.seed, workers=True, verbose=False)
+    gamma = run.windows.gamma
+    train_tensors, val_tensors = window_tensors(train, gamma), window_tensors(val, gamma)
+    module = PlannerModule(run, PlannerStats.from_windows(train))
+    trainer = pl.Trainer(
+        max_epochs=run.train.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=[TensorBoardLogger(out, name="tb", version=""), CSVLogger(out, name="csv", version="")],
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=out / "checkpoints", filename="best-{epoch}", monitor="val_bis_mae", mode="min",
+                save_top_k=1, save_last=True,
+            )
+        ],
+        deterministic=True,
+        num_sanity_val_steps=0,
+        enable_progress_bar=show_progress,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        gradient_clip_val=None,
+    )
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        # pytorch-lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; harmless.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        trainer.fit(
+            module,
+            train_dataloaders=batch_loader(train_tensors, run.train.batch_size, shuffle=True, seed=run.train.seed),
+            val_dataloaders=batch_loader(val_tensors, run.train.batch_size, shuffle=False),
+        )
+    wall = time.perf_counter() - started
+    module.model.eval()
+    save_planner(module.model, run, out / "model.pt")
+    summary = build_summary(module, run, len(train), len(val), wall)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return PlannerRun(module=module, summary=summary)
+
+
+def build_summary(module: PlannerModule, run: PlannerRunConfig, n_train: int, n_val: int, wall_s: float) -> dict[str, Any]:
+    history = module.history
+    final = {k: v for k, v in history[-1].items() if k != "epoch"} if history else {}
+    best = {
+        name: {"value": min(h[name] for h in history), "epoch": int(min(history, key=lambda h: h[name])["epoch"])}
+        for name in (*ENV_METRICS, "val_action_mae_ppf", "val_action_mae_rftn")
+        if history
+    }
+    return {
+        "strategy": run.strategy.name,
+        "warmup_epochs": run.strategy.resolved_warmup_epochs,
+        "env_weight": run.strategy.resolved_env_weight,
+        "stage2_rollout": run.strategy.stage2_rollout,
+        "epochs": len(history),
+        "train_windows": n_train,
+        "val_windows": n_val,
+        "parameters": sum(p.numel() for p in module.model.parameters()),
+        "epoch_time_s": float(np.mean(module.epoch_times)) if module.epoch_times else None,
+        "wall_time_s": wall_s,
+        "prediction": "BIS and MAP MAE from the expected value of the categorical heads",
+        "final": final,
+        "best": best,
+        "alarms": list(module.monitor.alarms),
+        "monitor": run.monitor.model_dump(),
+        "history": history,
+    }

@@ -1,0 +1,88 @@
+"""The closed-loop adapter builds exactly the windows the planner was trained on, and
+`dosewise train planner` writes a complete run directory."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from dosewise.cli import app
+from dosewise.config import save_config
+from dosewise.data.anesthesia import RATES, VITALS
+from dosewise.planner.config import ClosedLoopConfig
+from dosewise.planner.model import PlannerModel
+from dosewise.planner.policy import PlannerPolicy, history_window
+from dosewise.sim.anesthesia_cases import CaseHistory
+from tests.planner.conftest import tiny_run
+
+
+def case_history(frame, case: str, t: int) -> CaseHistory:
+    """What `run_cases` shows a policy at step t of a recorded case (one case, N = 1)."""
+    rows = frame[frame["case_id"] == case].sort_values("time")
+    cohort = SimpleNamespace(
+        covariates=SimpleNamespace(**{name: rows[name].to_numpy()[:1].astype(float) for name in ("age", "sex", "height", "weight")}),
+        asa=rows["asa"].to_numpy()[:1].astype(float),
+    )
+    return CaseHistory(
+        t=t,
+        vitals=rows[list(VITALS)].to_numpy()[None, : t + 1],
+        rates=rows[list(RATES)].to_numpy()[None, :t],
+        cohort=cohort,
+    )
+
+
+def test_history_window_matches_build_windows(tiny_frame, tiny_windows):
+    windows = tiny_windows["train"]
+    max_len = windows.history.shape[1]
+    checked = 0
+    for i in range(0, len(windows), 7):
+        start = tiny_frame[tiny_frame["case_id"] == windows.case_ids[i]]["time"].min()
+        t = round((windows.times[i] - start) / 60.0)
+        history, mask, static = history_window(case_history(tiny_frame, windows.case_ids[i], t), max_len)
+        np.testing.assert_array_equal(mask[0], windows.history_mask[i])
+        np.testing.assert_allclose(history[0], windows.history[i], atol=1e-4)
+        np.testing.assert_allclose(static[0], windows.static[i], atol=1e-4)
+        checked += 1
+    assert checked > 5
+
+
+def test_planner_policy_returns_rates(tiny_frame, tiny_windows):
+    run = tiny_run()
+    model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
+    history = case_history(tiny_frame, tiny_windows["train"].case_ids[0], 4)
+    ppf, rftn = PlannerPolicy(model)(history)
+    assert ppf.shape == rftn.shape == (1,) and ppf.dtype == np.int64
+    window, mask, static = history_window(history, run.windows.max_len)
+    expected = model.act(torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static))
+    assert (ppf[0], rftn[0]) == tuple(expected[0].tolist())
+
+
+def test_train_planner_command(tiny_cases_file, tmp_path):
+    config = tmp_path / "planner.yaml"
+    save_config(tiny_run("warmup", warmup_epochs=1).model_copy(update={"closed_loop": ClosedLoopConfig(cases=2, seed=7)}), config)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["train", "planner", "--config", str(config), "--data", str(tiny_cases_file), "--out", str(out), "--epochs", "2", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["strategy"] == "warmup"
+    assert {"val_bis_mae", "val_map_mae", "val_reward_mae", "val_value_mae"} <= set(summary["final"])
+    assert isinstance(summary["alarms"], list)
+    policies = summary["closed_loop"]["policies"]
+    assert set(policies) == {"planner_argmax", "simulated_anesthesiologist"}
+    assert "pct_bis_40_60" in policies["planner_argmax"]
+    for name in ("model.pt", "config.yaml", "checkpoints/last.ckpt", "csv/metrics.csv"):
+        assert (out / name).is_file(), name
+
+
+def test_train_planner_command_bad_config_is_one_line(tiny_cases_file, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("strategy:\n  name: greedy\n")
+    result = CliRunner().invoke(app, ["train", "planner", "--config", str(config), "--data", str(tiny_cases_file), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "strategy.name" in result.output and "Traceback" not in result.output
