@@ -267,6 +267,18 @@ def closed_loop_table(result: dict) -> Table:
     return table
 
 
+def ope_table(ope: dict) -> Table:
+    from dosewise.evaluate.ope import OPE_ROWS
+
+    table = Table(title="off-policy estimates of the policy's discounted value vs the truth: mean [95 % CI]", box=box.SIMPLE_HEAD)
+    table.add_column("estimator")
+    table.add_column("value", no_wrap=True)
+    for key, label in OPE_ROWS:
+        table.add_row(label, _fmt(ope[key], percent=False), style="bold" if key == "true_value" else None)
+    table.caption = f"effective sample size {ope['ess']['mean']:.1f} of {ope['episodes']} patients; below ~10, IS-based estimates rest on a handful of courses"
+    return table
+
+
 def offline_table(stats: dict) -> Table:
     table = Table(title="offline statistics (the critics on the training data)", show_header=False)
     table.add_column(style="bold")
@@ -277,7 +289,7 @@ def offline_table(stats: dict) -> Table:
     return table
 
 
-def run_evaluation(run_dir: Path, patients: int, seed: int, data: Optional[Path] = None) -> dict:
+def run_evaluation(run_dir: Path, patients: int, seed: int, data: Optional[Path] = None, ope: bool = False) -> dict:
     from dosewise.algos.trained import TrainedIQL
     from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
     from dosewise.evaluate.offline import offline_statistics
@@ -287,8 +299,16 @@ def run_evaluation(run_dir: Path, patients: int, seed: int, data: Optional[Path]
     if data_path is None:
         raise DataError(f"{run_dir}: the run does not record its training data; pass --data")
     frame, _ = load_table(data_path, model.run_config.data)
-    result = offline_statistics(model, build_transitions(frame, model.run_config.data))
+    transitions = build_transitions(frame, model.run_config.data)
+    result = offline_statistics(model, transitions)
     result["closed_loop"] = evaluate_vancomycin(model.policy_action, patients, seed)
+    if ope:
+        from dosewise.evaluate.ope import evaluate_ope, vancomycin_true_value
+
+        gamma = model.config.gamma
+        estimates = evaluate_ope(model.policy_action, transitions, gamma, seed=seed)
+        truth = vancomycin_true_value(model.policy_action, gamma, n_patients=max(patients, 2000), seed=seed)
+        result["ope"] = {**estimates, "true_value": truth}
     return result
 
 
@@ -303,6 +323,7 @@ def evaluate_command(
     per_member: Annotated[
         bool, typer.Option(help="For an ensemble run, also every member's own policy in closed loop (same patients) and mean +- sd.")
     ] = True,
+    ope: Annotated[bool, typer.Option("--ope", help="Also off-policy estimates (FQE, PDWIS, WDR, ESS) next to the simulator's true value.")] = False,
 ) -> None:
     """Offline statistics of the critics, and the learned policy vs the clinician in closed loop.
 
@@ -312,7 +333,7 @@ def evaluate_command(
     from dosewise.algos.trained import TrainedIQL
     from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
 
-    result = run_evaluation(run, patients, seed, data)
+    result = run_evaluation(run, patients, seed, data, ope=ope)
     model = TrainedIQL.load(run)
     if model.members > 1 and per_member:
         outcomes = ("auc_in_target_frac", "aki_rate", "mean_return")
@@ -328,8 +349,10 @@ def evaluate_command(
         }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    console.print(offline_table({k: v for k, v in result.items() if k not in ("closed_loop", "ensemble")}))
+    console.print(offline_table({k: v for k, v in result.items() if k not in ("closed_loop", "ensemble", "ope")}))
     console.print(closed_loop_table(result["closed_loop"]))
+    if "ope" in result:
+        console.print(ope_table(result["ope"]))
     if "ensemble" in result:
         summary = result["ensemble"]["summary"]
         console.print(
@@ -410,10 +433,11 @@ def demo(
     frame, report = load_table(data_path, run.data)
     console.print(report_table(report))
     train_iql(run, build_transitions(frame, run.data), out / "iql")
-    result = run_evaluation(out / "iql", eval_patients, seed=1000 + seed)
+    result = run_evaluation(out / "iql", eval_patients, seed=1000 + seed, ope=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
-    console.print(offline_table({k: v for k, v in result.items() if k != "closed_loop"}))
+    console.print(offline_table({k: v for k, v in result.items() if k not in ("closed_loop", "ope")}))
     console.print(closed_loop_table(result["closed_loop"]))
+    console.print(ope_table(result["ope"]))
     from dosewise.evaluate.report import write_report
 
     page = write_report(out / "iql", out / "report", out / "evaluation.json")

@@ -38,7 +38,7 @@ def test_simulate_inspect_train_evaluate_recommend(small_run):
         assert (run / name).exists()
 
     out = root / "eval.json"
-    evaluated = invoke("evaluate", "--run", run, "--patients", 30, "--out", out)
+    evaluated = invoke("evaluate", "--run", run, "--patients", 30, "--out", out, "--ope")
     assert evaluated.exit_code == 0, evaluated.output
     result = json.loads(out.read_text())
     assert result["num_transitions"] == report["transitions"]
@@ -46,6 +46,11 @@ def test_simulate_inspect_train_evaluate_recommend(small_run):
         assert key in result
     for side in ("learned", "clinician", "difference"):
         assert set(result["closed_loop"][side]) == {"auc_in_target_frac", "aki_rate", "mean_return"}
+    for key in ("fqe", "wis", "wdr", "ess", "true_value"):
+        assert key in result["ope"]
+    low, high = result["ope"]["true_value"]["ci95"]
+    assert low <= result["ope"]["true_value"]["mean"] <= high
+    assert "true value" in evaluated.output
     assert "AKI" in evaluated.output and "learned policy" in evaluated.output and "difference" in evaluated.output
 
     state = ["vanco_level=25", "creatinine=1.1", "wbc=12", "bun=18", "temperature=38.2", "sbp=118", "heart_rate=96"]

@@ -158,12 +158,18 @@ def plot_trajectories(model: TrainedIQL, out_dir: Path, seed: int) -> Figure:
 def _ope_section(result: dict | None) -> str:
     if not result or "ope" not in result:
         return "<p>No off-policy evaluation in this run's evaluation JSON (run <code>dosewise evaluate --ope</code>).</p>"
+    from dosewise.evaluate.ope import OPE_ROWS
+
+    ope = result["ope"]
     rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{v['mean']:.3f}</td><td>[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]</td></tr>"
-        for name, v in result["ope"].items()
-        if isinstance(v, dict) and "ci95" in v
+        f"<tr><td>{label}</td><td>{ope[key]['mean']:.3f}</td><td>[{ope[key]['ci95'][0]:.3f}, {ope[key]['ci95'][1]:.3f}]</td></tr>"
+        for key, label in OPE_ROWS
     )
-    return f"<table><tr><th>estimator</th><th>value</th><th>95 % CI</th></tr>{rows}</table>"
+    return (
+        f"<table><tr><th>estimator</th><th>value</th><th>95 % CI</th></tr>{rows}</table>"
+        f"<p class='caption'>Effective sample size {ope['ess']['mean']:.1f} of {ope['episodes']} patients. On simulated data the true value is known: "
+        "an estimate far from it, or an ESS of a few patients, says how much to trust the same estimator on real data (docs/ope_accuracy.md).</p>"
+    )
 
 
 def _outcome_section(result: dict | None) -> str:
