@@ -19,6 +19,7 @@ from dosewise.sim.anesthesia_pid import DualLoopPID
 COLUMNS = {
     "pct_bis_40_60": "% time BIS 40-60",
     "pct_map_below_65": "% time MAP<65",
+    "map_median_maintenance": "median MAP (maintenance)",
     "time_to_bis_60_s": "time to BIS<60 (s)",
     "bis_nadir": "BIS nadir",
     "undershoot": "undershoot",

@@ -44,6 +44,7 @@ def case_metrics(traj: CaseTrajectories, cohort: CaseCohort) -> dict[str, np.nda
     return {
         "pct_bis_40_60": 100.0 * (in_band & maintenance).sum(axis=0) / maintenance.sum(axis=0),
         "pct_map_below_65": 100.0 * ((mean_ap < 65) & real).sum(axis=0) / real.sum(axis=0),
+        "map_median_maintenance": np.nanmedian(np.where(maintenance, mean_ap, np.nan), axis=0),
         "time_to_bis_60_s": time_to_60,
         "bis_nadir": nadir,
         "undershoot": np.maximum(40.0 - nadir, 0.0),

@@ -11,8 +11,8 @@ Two causes, two documented choices: (1) PAS forms propofol's MAP Emax as DAP + (
 42.4 mmHg; the MAP of a (SAP, DAP) pair is DAP + (SAP - DAP)/3 = 30.3 mmHg (Jeleazcov 2015's
 Emax values), which we use for cases; (2) awake baseline MAP is drawn per patient, 100 mmHg at
 40 years + 0.3 per year, SD 8 (pre-induction MAP of anxious, unpremedicated surgical adults),
-instead of PAS's fixed 90. Under the simulated anesthesiologist, maintenance MAP then has a
-median of ~81 mmHg (IQR 72-90) and is below 65 about 15 % of the time. ``open_loop`` keeps PAS's values so the oracle tests still compare like with like.
+instead of PAS's fixed 90. Under the simulated anesthesiologist a case's median maintenance MAP
+then averages 76 mmHg and MAP is below 65 about 15 % of the time (bench/anesthesia_baselines.py). ``open_loop`` keeps PAS's values so the oracle tests still compare like with like.
 """
 
 from __future__ import annotations

@@ -22,5 +22,6 @@ def test_metrics_on_a_hand_made_case():
     assert m["bis_nadir"][0] == 35.0 and m["undershoot"][0] == 5.0
     assert m["pct_bis_40_60"][0] == pytest.approx(100 * (600 - 60) / 600)
     assert m["pct_map_below_65"][0] == pytest.approx(10.0)
+    assert m["map_median_maintenance"][0] == pytest.approx(80.0)
     assert m["propofol_mg_kg_h"][0] == pytest.approx(600 / cohort.covariates.weight[0])
     assert m["remifentanil_ug_kg_min"][0] == 0.0
