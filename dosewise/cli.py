@@ -289,12 +289,11 @@ def offline_table(stats: dict) -> Table:
     return table
 
 
-def run_evaluation(run_dir: Path, patients: int, seed: int, data: Optional[Path] = None, ope: bool = False) -> dict:
-    from dosewise.algos.trained import TrainedIQL
-    from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
+def run_evaluation(model, run_dir: Path, patients: int, seed: int, data: Optional[Path] = None, ope: bool = False) -> dict:
+    """Offline statistics, closed loop and optionally OPE of a loaded ``TrainedIQL``."""
     from dosewise.evaluate.offline import offline_statistics
+    from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
 
-    model = TrainedIQL.load(run_dir)
     data_path = data or (Path(model.run_config.data_path) if model.run_config.data_path else None)
     if data_path is None:
         raise DataError(f"{run_dir}: the run does not record its training data; pass --data")
@@ -333,8 +332,8 @@ def evaluate_command(
     from dosewise.algos.trained import TrainedIQL
     from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
 
-    result = run_evaluation(run, patients, seed, data, ope=ope)
     model = TrainedIQL.load(run)
+    result = run_evaluation(model, run, patients, seed, data, ope=ope)
     if model.members > 1 and per_member:
         outcomes = ("auc_in_target_frac", "aki_rate", "mean_return")
         members = {}
@@ -433,7 +432,9 @@ def demo(
     frame, report = load_table(data_path, run.data)
     console.print(report_table(report))
     train_iql(run, build_transitions(frame, run.data), out / "iql")
-    result = run_evaluation(out / "iql", eval_patients, seed=1000 + seed, ope=True)
+    from dosewise.algos.trained import TrainedIQL
+
+    result = run_evaluation(TrainedIQL.load(out / "iql"), out / "iql", eval_patients, seed=1000 + seed, ope=True)
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
     console.print(offline_table({k: v for k, v in result.items() if k not in ("closed_loop", "ope")}))
     console.print(closed_loop_table(result["closed_loop"]))
