@@ -6,7 +6,7 @@ import functools
 import json
 import shutil
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich import box
@@ -114,7 +114,7 @@ def report_table(report: DataReport) -> Table:
     return table
 
 
-def _data_config(config: Optional[Path]):
+def _data_config(config: Path | None):
     return load_config(config, IQLRunConfig).data if config else IQLRunConfig().data
 
 
@@ -122,7 +122,7 @@ def _data_config(config: Optional[Path]):
 @friendly_errors
 def data_inspect(
     path: Annotated[Path, typer.Argument(help="CSV or Parquet file.")],
-    config: Annotated[Optional[Path], typer.Option(help="Run config YAML whose `data:` section maps the columns.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Run config YAML whose `data:` section maps the columns.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate a dosing file and report rows, drops, patients and feature ranges."""
@@ -141,9 +141,9 @@ def data_inspect(
 def train_iql_command(
     data: Annotated[Path, typer.Option(help="Training data, CSV or Parquet.")],
     out: Annotated[Path, typer.Option(help="Run directory: config, TensorBoard, checkpoints, model.")],
-    config: Annotated[Optional[Path], typer.Option(help="Run config YAML (default: seed 004's conservative set).")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Override train.steps.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Override train.seed.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Run config YAML (default: seed 004's conservative set).")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Override train.steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override train.seed.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     seeds: Annotated[
@@ -159,7 +159,7 @@ def train_iql_command(
         bool, typer.Option("--compile", help="torch.compile the update: ~1.35x faster steps at [32, 32], but up to ~30 s to compile.")
     ] = False,
     sweep: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             help="Sweep YAML (`grid:` lists of lr, gamma, beta, tau, hidden): every point, once per --seeds seed, "
             "trained in one process; OUT/<point>/ is a run per point, OUT/sweep.json the table."
@@ -220,8 +220,8 @@ def members_table(losses: dict) -> Table:
 def train_planner_command(
     data: Annotated[Path, typer.Option(help="Anesthesia cases, CSV or Parquet (e.g. from `dosewise simulate anesthesia`).")],
     out: Annotated[Path, typer.Option(help="Run directory: config, TensorBoard, CSV metrics, checkpoints, model.pt, summary.json.")],
-    config: Annotated[Optional[Path], typer.Option(help="Planner config YAML, e.g. configs/planner_joint.yaml (default: joint).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Override train.epochs.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Planner config YAML, e.g. configs/planner_joint.yaml (default: joint).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train the anesthesia planner (seed 000) under one strategy; summary.json holds the final metrics and alarms."""
@@ -237,6 +237,33 @@ def train_planner_command(
     for alarm in result.summary["alarms"]:
         console.print(f"[bold yellow]rebound alarm:[/] {alarm['metric']} {alarm['value']:.3g} at epoch {alarm['epoch']} (best {alarm['best']:.3g} at epoch {alarm['best_epoch']})")
     console.print(f"summary: {out / 'summary.json'}; TensorBoard: tensorboard --logdir {out / 'tb'}")
+
+
+@app.command("compare-strategies")
+@friendly_errors
+def compare_strategies_command(
+    data: Annotated[Path, typer.Option(help="Anesthesia cases, CSV or Parquet (e.g. from `dosewise simulate anesthesia`).")],
+    out: Annotated[Path, typer.Option(help="Directory for the five runs, comparison.json/.md and env_metrics.png.")],
+    config_dir: Annotated[Path, typer.Option(help="Directory with planner_<strategy>.yaml for the five strategies.")] = Path("configs"),
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs of every strategy.")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Strategies trained at once, one CPU thread each.")] = 2,
+) -> None:
+    """Train joint, warmup, weighted, detach and alternating on the same data and seed; table + figure."""
+    from dosewise.planner.compare import compare_strategies
+
+    result = compare_strategies(data, out, config_dir, epochs=epochs, jobs=jobs, echo=console.print)
+    table = Table(title=f"planner strategies on {data} ({result['wall_time_s'] / 60:.1f} min)", box=box.SIMPLE_HEAD)
+    for column in ("strategy", "BIS MAE", "MAP MAE", "reward MAE", "value MAE", "action MAE ppf/rftn", "alarms", "BIS 40-60 %", "MAP<65 %"):
+        table.add_column(column)
+    for r in result["rows"]:
+        table.add_row(
+            r["strategy"], f"{r['final_val_bis_mae']:.2f} (best {r['best_val_bis_mae']:.2f})",
+            f"{r['final_val_map_mae']:.2f} (best {r['best_val_map_mae']:.2f})", f"{r['final_val_reward_mae']:.3f}",
+            f"{r['final_val_value_mae']:.2f}", f"{r['val_action_mae_ppf']:.1f}/{r['val_action_mae_rftn']:.1f}",
+            str(r["rebound_alarms"]), f"{r['pct_bis_40_60']:.1f}", f"{r['pct_map_below_65']:.1f}",
+        )
+    console.print(table)
+    console.print(f"table: {out / 'comparison.md'}; figure: {out / 'env_metrics.png'}")
 
 
 # -- evaluate -----------------------------------------------------------------------------------
@@ -289,7 +316,7 @@ def offline_table(stats: dict) -> Table:
     return table
 
 
-def run_evaluation(model, run_dir: Path, patients: int, seed: int, data: Optional[Path] = None, ope: bool = False) -> dict:
+def run_evaluation(model, run_dir: Path, patients: int, seed: int, data: Path | None = None, ope: bool = False) -> dict:
     """Offline statistics, closed loop and optionally OPE of a loaded ``TrainedIQL``."""
     from dosewise.evaluate.offline import offline_statistics
     from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
@@ -318,7 +345,7 @@ def evaluate_command(
     out: Annotated[Path, typer.Option(help="Evaluation JSON to write.")],
     patients: Annotated[int, typer.Option(min=2, help="Held-out simulated patients for the closed loop.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the held-out cohort; keep it apart from the training data's.")] = 1000,
-    data: Annotated[Optional[Path], typer.Option(help="Training data (default: the path recorded in the run).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Training data (default: the path recorded in the run).")] = None,
     per_member: Annotated[
         bool, typer.Option(help="For an ensemble run, also every member's own policy in closed loop (same patients) and mean +- sd.")
     ] = True,
@@ -367,8 +394,8 @@ def evaluate_command(
 @friendly_errors
 def report_command(
     run: Annotated[Path, typer.Option(help="Run directory written by `dosewise train iql`.")],
-    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: RUN/report).")] = None,
-    evaluation: Annotated[Optional[Path], typer.Option(help="Evaluation JSON (default: RUN/evaluation.json or next to RUN).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: RUN/report).")] = None,
+    evaluation: Annotated[Path | None, typer.Option(help="Evaluation JSON (default: RUN/evaluation.json or next to RUN).")] = None,
 ) -> None:
     """HTML analysis report with PNG figures: training, Q/V, Q-curves, sensitivity, policy vs clinician, courses."""
     from dosewise.evaluate.report import write_report

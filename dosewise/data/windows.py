@@ -24,8 +24,9 @@ from dosewise.data.anesthesia import (
     AnesthesiaReward,
 )
 
-# Per-step observation in the history: the vitals at the step and the rates set one step before.
-HISTORY_FEATURES: tuple[str, ...] = (*VITALS, *(f"prev_{name}" for name in RATES))
+# Per-step observation in the history: the vitals at the step, the rates set one step before, and
+# the option flag (1 in the induction phase, the first `WindowConfig.induction_s` of the case).
+HISTORY_FEATURES: tuple[str, ...] = (*VITALS, *(f"prev_{name}" for name in RATES), "option")
 # Largest class of the categorical BIS target (classes 0..BIS_MAX).
 BIS_MAX = 100
 # Largest class of the categorical MAP target, mmHg (classes 0..MAP_MAX).
@@ -49,6 +50,9 @@ class WindowConfig(BaseModel):
     pre_len: int = 5
     # Discount of the per-window return; lower = more short-sighted value targets.
     gamma: float = 0.99
+    # The option flag of each history step is 1 during the first `induction_s` seconds of a case
+    # (induction: bolus and loss of consciousness) and 0 in maintenance; 0 turns it off.
+    induction_s: float = 600.0
     # Share of cases in (train, val, test); must sum to 1.
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     # Seed of the case split; the same seed and case ids always give the same split.
@@ -58,6 +62,8 @@ class WindowConfig(BaseModel):
     def _check_consistent(self) -> WindowConfig:
         if self.max_len < 1 or self.pre_len < 1:
             raise ValueError(f"max_len and pre_len must be >= 1, got {self.max_len} and {self.pre_len}")
+        if self.induction_s < 0.0:
+            raise ValueError(f"induction_s must be >= 0, got {self.induction_s}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         if any(not share >= 0.0 for share in self.split) or abs(sum(self.split) - 1.0) > 1e-9:
@@ -131,7 +137,9 @@ def build_windows(
     previous_rates = np.zeros_like(rates)
     previous_rates[1:] = rates[:-1]
     previous_rates[first_of_case] = 0  # nothing was infused before the case started
-    observations = np.concatenate([vitals, previous_rates], axis=1).astype(np.float32)  # [N, F]
+    elapsed = frame[TIME].to_numpy(np.float64) - frame[TIME].to_numpy(np.float64)[case_start]  # [N] s
+    option = (elapsed < window_config.induction_s)[:, None]  # [N, 1] the option flag: induction phase
+    observations = np.concatenate([vitals, previous_rates, option], axis=1).astype(np.float32)  # [N, F]
 
     # step_reward[s]: reward of reaching step s+1 (0 on a case's last step, which has no successor).
     has_next = position + 1 < case_end

@@ -53,9 +53,10 @@ class StrategyConfig(BaseModel):
     - weighted: policy + env_weight · env.
     - detach: env + policy, but the policy loss sees detached latent states, so no gradient of
       Stage 2 reaches the representation or the dynamics (no model exploitation).
-    - alternating: two optimisers (Lightning manual optimisation); each batch first steps the
-      environment model (representation, dynamics, BIS/MAP/reward/value heads) on the env loss,
-      then the policy network on the policy loss (detached states).
+    - alternating: two optimisers (Lightning manual optimisation), the seed's solution 3: each
+      epoch first passes over all minibatches stepping the environment model (representation,
+      dynamics, BIS/MAP/reward/value heads) on the env loss, then over the same minibatches
+      stepping the policy network on the policy loss (detached states).
     `warmup_epochs` and `env_weight` default to the strategy's own values (10 for warmup, 2.0
     for weighted, 0 and 1.0 otherwise); set them to combine, e.g. warmup with env_weight 2.0
     (the seed's recommendation).
@@ -118,6 +119,9 @@ class PlannerTrainConfig(BaseModel):
     threads: int = Field(1, ge=1)
     # Use at most this many training windows (random, seeded; 0: all); for quick runs.
     max_train_windows: int = Field(0, ge=0)
+    # Windows drawn afresh at random (seeded) for each epoch (0: every training window once per
+    # epoch). Shorter epochs see more of the data than a fixed subsample of the same size.
+    windows_per_epoch: int = Field(0, ge=0)
     # Use at most this many validation windows (random, seeded; 0: all).
     max_val_windows: int = Field(0, ge=0)
 

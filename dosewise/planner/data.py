@@ -4,10 +4,19 @@ minibatches by index (no per-window collation)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from dosewise.data.windows import Windows
 
@@ -35,7 +44,7 @@ def window_tensors(windows: Windows, gamma: float) -> Batch:
     """All arrays the planner trains on, as tensors with the first axis W."""
     values, value_mask = value_targets(windows, gamma)
     return {
-        "history": torch.from_numpy(windows.history.astype(np.float32)),  # [W, L, 7]
+        "history": torch.from_numpy(windows.history.astype(np.float32)),  # [W, L, 8]
         "history_mask": torch.from_numpy(windows.history_mask),  # [W, L] bool
         "static": torch.from_numpy(windows.static.astype(np.float32)),  # [W, S]
         "actions": torch.from_numpy(windows.actions.astype(np.int64)),  # [W, K, 2]
@@ -63,12 +72,36 @@ class WindowBatches(Dataset):
         return {name: tensor[rows] for name, tensor in self.tensors.items()}
 
 
-def batch_loader(tensors: Batch, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Minibatches of `batch_size` windows (the last one smaller), shuffled with `seed` per epoch."""
+class RepeatedPasses(Sampler[list[int]]):
+    """Each epoch, the same minibatches `passes` times in a row (the alternating strategy's env
+    pass, then its policy pass, over one shuffle)."""
+
+    def __init__(self, batches: BatchSampler, passes: int) -> None:
+        self.batches, self.passes = batches, passes
+
+    def __len__(self) -> int:
+        return self.passes * len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = list(self.batches)
+        for _ in range(self.passes):
+            yield from epoch
+
+
+def batch_loader(
+    tensors: Batch, batch_size: int, shuffle: bool, seed: int = 0, passes: int = 1, per_epoch: int = 0
+) -> DataLoader:
+    """Minibatches of `batch_size` windows (the last one smaller), shuffled with `seed` per epoch;
+    with per_epoch > 0 (and shuffle) each epoch draws that many windows afresh, without
+    replacement; with passes > 1 each epoch serves its minibatches that many times over."""
     dataset = WindowBatches(tensors)
     generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+    if shuffle:
+        sampler = RandomSampler(dataset, num_samples=min(per_epoch, len(dataset)) or None, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    batches = BatchSampler(sampler, batch_size, drop_last=False)
+    return DataLoader(dataset, sampler=RepeatedPasses(batches, passes) if passes > 1 else batches, batch_size=None)
 
 
 def subsample(windows: Windows, limit: int, seed: int) -> Windows:

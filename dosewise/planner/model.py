@@ -6,8 +6,8 @@ Shapes: B windows, L = max_len history steps, K = pre_len unrolled steps, d = d_
 A = RATE_LEVELS (201) levels per drug, 2 drugs (propofol, remifentanil, order RATES).
 
 - Representation: a causal transformer encoder over L+1 tokens: token 0 carries the static
-  covariates, token i (1..L) the vitals of history step i and embeddings of both rates set
-  one step before. Causal: output i depends on tokens 0..i only. Left padding is masked as
+  covariates, token i (1..L) the vitals of history step i, embeddings of both rates set
+  one step before and an embedding of the option flag (induction or maintenance phase). Causal: output i depends on tokens 0..i only. Left padding is masked as
   keys; the always-present covariate token keeps every query well defined.
   state_0 is the encoded history (memory [B, L+1, d]); the root latent s_0 is its last token.
 - Dynamics: a transformer decoder over K tokens, token k = proj(s_0) + step k + embeddings of
@@ -38,6 +38,8 @@ from dosewise.planner.config import PlannerModelConfig
 RATE_LEVELS = RATE_MAX + 1
 N_VITALS = 5  # BIS, MAP, SBP, DBP, HR: the first five history features
 N_DRUGS = 2
+PREVIOUS_RATES = slice(N_VITALS, N_VITALS + N_DRUGS)  # history features 5, 6: rates set one step before
+OPTION = N_VITALS + N_DRUGS  # history feature 7: the option flag (1 = induction phase)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class PlannerModel(nn.Module):
         # Representation.
         self.vitals_in = nn.Linear(N_VITALS, d)
         self.prev_action_embed = nn.ModuleList(nn.Embedding(RATE_LEVELS, d) for _ in range(N_DRUGS))
+        self.option_embed = nn.Embedding(2, d)
         self.static_in = nn.Linear(n_static, d)
         self.position = nn.Embedding(max_len + 1, d)
         self.encoder = nn.TransformerEncoder(
@@ -167,14 +170,16 @@ class PlannerModel(nn.Module):
     def represent(self, history: Tensor, history_mask: Tensor, static: Tensor) -> tuple[Tensor, Tensor]:
         """Encode the history.
 
-        history [B, L, 7] float (vitals, then the previous propofol and remifentanil rates),
+        history [B, L, 8] float (vitals, the previous propofol and remifentanil rates, the option flag),
         history_mask [B, L] bool (True = real step), static [B, S] float.
         Returns memory [B, L+1, d] (token 0: covariates) and memory_padding [B, L+1] bool
         (True = padding, to be ignored as a key). The root latent s_0 is memory[:, -1].
         """
         vitals = (history[..., :N_VITALS] - self.vital_mean) / self.vital_std
-        previous = history[..., N_VITALS:].round().long().clamp(0, RATE_MAX)
-        steps = self.vitals_in(vitals) + sum(embed(previous[..., j]) for j, embed in enumerate(self.prev_action_embed))
+        previous = history[..., PREVIOUS_RATES].round().long().clamp(0, RATE_MAX)
+        option = history[..., OPTION].round().long().clamp(0, 1)
+        steps = self.vitals_in(vitals) + self.option_embed(option)
+        steps = steps + sum(embed(previous[..., j]) for j, embed in enumerate(self.prev_action_embed))
         covariates = self.static_in((static - self.static_mean) / self.static_std).unsqueeze(1)
         tokens = torch.cat([covariates, steps], dim=1) + self.position.weight[: history.shape[1] + 1]
         padding = torch.cat([torch.zeros_like(history_mask[:, :1]), ~history_mask.bool()], dim=1)

@@ -1,30 +1,47 @@
 """The trained planner as a closed-loop case policy: turns a `CaseHistory` into the model's input
-window (the same layout as `build_windows`) and returns the argmax rates, plus the closed-loop
-comparison with the simulated anesthesiologist on held-out simulated cases."""
+window (the same layout as `build_windows`) and returns rates chosen by one of the planning
+modes — the argmax of the policy heads, RL-DITR's beam search, or the batched MCTS — within
+optional dose limits; plus the closed-loop comparison with the simulated anesthesiologist on
+held-out simulated cases."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
 
 from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
+from dosewise.planner.beam_search import (
+    BeamConfig,
+    beam_search,
+    dose_mask,
+    masked_log_policy,
+)
 from dosewise.planner.model import PlannerModel
 from dosewise.sim.anesthesia_cases import CaseCohort, CaseHistory, CaseSpec
 from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
 
+PlanningMode = Literal["argmax", "beam", "mcts"]
 
-def history_window(history: CaseHistory, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def history_window(
+    history: CaseHistory, max_len: int, induction_s: float = 600.0, step_s: int = 60
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model's input at decision step t, as `build_windows` makes it from a charted case.
 
-    Returns history [N, max_len, 7] float32 (vitals rounded to 0.1 as the charted dataset is,
-    then the rates set one step before, 0 before the case), history_mask [N, max_len] bool
-    (real steps right-aligned) and static [N, 5] float32 (age, sex, height, weight, asa,
-    rounded like `simulate_cases`).
+    Returns history [N, max_len, 8] float32 (vitals rounded to 0.1 as the charted dataset is,
+    the rates set one step before, 0 before the case, and the option flag: 1 while the step is
+    within the first `induction_s` seconds), history_mask [N, max_len] bool (real steps
+    right-aligned) and static [N, 5] float32 (age, sex, height, weight, asa, rounded like
+    `simulate_cases`).
     """
     n, t = history.vitals.shape[0], history.t
     previous = np.zeros((n, t + 1, 2), dtype=np.float64)
     previous[:, 1:] = history.rates[:, :t]
-    steps = np.concatenate([np.round(history.vitals, 1), previous], axis=2)[:, -max_len:]  # [N, <=L, 7]
+    option = np.broadcast_to((np.arange(t + 1) * step_s < induction_s)[None, :, None], (n, t + 1, 1))
+    steps = np.concatenate([np.round(history.vitals, 1), previous, option], axis=2)[:, -max_len:]  # [N, <=L, 8]
     real = steps.shape[1]
     window = np.zeros((n, max_len, steps.shape[2]), dtype=np.float32)
     window[:, max_len - real :] = steps
@@ -38,28 +55,70 @@ def history_window(history: CaseHistory, max_len: int) -> tuple[np.ndarray, np.n
 
 
 class PlannerPolicy:
-    """`policy(history) -> (ppf [N], rftn [N])`: the argmax of the planner's policy heads."""
+    """`policy(history) -> (ppf [N], rftn [N])`: rates in mL/h chosen by `mode`.
 
-    def __init__(self, model: PlannerModel) -> None:
+    - argmax: the most probable level of each drug's policy head (no search);
+    - beam: RL-DITR's beam search over the learned model (`BeamConfig`);
+    - mcts: the batched MCTS (`dosewise.planner.mcts`, its `MCTSConfig`).
+    `max_rate` / `min_rate` (mL/h, propofol and remifentanil) restrict every mode.
+    """
+
+    def __init__(
+        self,
+        model: PlannerModel,
+        mode: PlanningMode = "argmax",
+        *,
+        beam: BeamConfig = BeamConfig(),
+        mcts=None,
+        max_rate: tuple[int, int] = (200, 200),
+        min_rate: tuple[int, int] = (0, 0),
+        induction_s: float = 600.0,
+        step_s: int = 60,
+        seed: int = 0,
+    ) -> None:
         self.model = model.eval()
+        self.mode, self.beam, self.mcts = mode, beam, mcts
+        self.max_rate, self.min_rate = max_rate, min_rate
+        self.induction_s, self.step_s = induction_s, step_s
+        self.generator = torch.Generator().manual_seed(seed)
+        dose_mask(1, max_rate, min_rate)  # fail now on impossible limits, not at the first decision
 
+    @torch.no_grad()
     def __call__(self, history: CaseHistory) -> tuple[np.ndarray, np.ndarray]:
-        window, mask, static = history_window(history, self.model.max_len)
-        levels = self.model.act(torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static)).numpy()
+        window, mask, static = history_window(history, self.model.max_len, self.induction_s, self.step_s)
+        inputs = torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static)
+        allowed = dose_mask(window.shape[0], self.max_rate, self.min_rate)
+        if self.mode == "argmax":
+            memory, _ = self.model.represent(*inputs)
+            levels = masked_log_policy(self.model, memory[:, -1], allowed).argmax(-1)
+        elif self.mode == "beam":
+            levels = beam_search(self.model, *inputs, self.beam, allowed).action
+        elif self.mode == "mcts":
+            from dosewise.planner.mcts import MCTSConfig, plan_with_mcts
+
+            levels = plan_with_mcts(self.model, *inputs, self.mcts or MCTSConfig(), allowed, self.generator)
+        else:
+            raise ValueError(f"unknown planning mode {self.mode!r}; expected argmax, beam or mcts")
+        levels = levels.numpy()
         return levels[:, 0].astype(np.int64), levels[:, 1].astype(np.int64)
 
 
-def closed_loop_comparison(model: PlannerModel, n_cases: int, seed: int, spec: CaseSpec | None = None) -> dict:
-    """The planner (argmax) and the simulated anesthesiologist (the behaviour policy) on the same
-    `n_cases` held-out simulated cases (`evaluate_policies`, common random numbers)."""
+def closed_loop_comparison(
+    model: PlannerModel,
+    n_cases: int,
+    seed: int,
+    spec: CaseSpec | None = None,
+    modes: dict[str, Callable[[PlannerModel], PlannerPolicy]] | None = None,
+    induction_s: float = 600.0,
+) -> dict:
+    """The planner and the simulated anesthesiologist (the behaviour policy) on the same `n_cases`
+    held-out simulated cases (`evaluate_policies`, common random numbers). `modes` maps a name
+    to a policy factory; default: {"planner_argmax": argmax}."""
     spec = spec or CaseSpec()
+    modes = modes or {"planner_argmax": lambda m: PlannerPolicy(m, induction_s=induction_s, step_s=spec.step_s)}
 
     def clinician(cohort: CaseCohort) -> SimulatedAnesthesiologist:
         return SimulatedAnesthesiologist(cohort, seed + 1, step_s=spec.step_s)
 
-    return evaluate_policies(
-        {"planner_argmax": lambda cohort: PlannerPolicy(model), "simulated_anesthesiologist": clinician},
-        n_cases=n_cases,
-        seed=seed,
-        spec=spec,
-    )
+    policies = {name: (lambda cohort, make=make: make(model)) for name, make in modes.items()}
+    return evaluate_policies({**policies, "simulated_anesthesiologist": clinician}, n_cases=n_cases, seed=seed, spec=spec)

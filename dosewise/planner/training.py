@@ -35,9 +35,19 @@ from torch import Tensor
 from dosewise.checkpoint import load_safe, save_atomic
 from dosewise.config import save_config
 from dosewise.data.windows import Windows
-from dosewise.planner.config import ENV_METRICS, MonitorConfig, PlannerRunConfig, StrategyConfig
+from dosewise.planner.config import (
+    ENV_METRICS,
+    MonitorConfig,
+    PlannerRunConfig,
+    StrategyConfig,
+)
 from dosewise.planner.data import Batch, batch_loader, window_tensors
-from dosewise.planner.model import PlannerModel, PlannerOutput, PlannerStats, expected_class
+from dosewise.planner.model import (
+    PlannerModel,
+    PlannerOutput,
+    PlannerStats,
+    expected_class,
+)
 
 log = logging.getLogger("dosewise.planner")
 
@@ -107,10 +117,23 @@ def planner_losses(model: PlannerModel, batch: Batch, strategy: StrategyConfig) 
     """Stage 1 and Stage 2 losses of one batch (one forward pass with the true actions)."""
     out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
     bis, map_, reward, value = stage1_losses(model, out, batch)
-    logits = model.policy_logits(stage2_states(model, out, batch, strategy))  # [B, K, 2, A]
-    mask = batch["future_mask"].unsqueeze(-1).expand_as(batch["actions"])
-    policy = 2.0 * categorical_loss(logits, batch["actions"], mask)  # sum over the two drugs
+    policy = behaviour_cloning_loss(model.policy_logits(stage2_states(model, out, batch, strategy)), batch)
     return PlannerLosses(bis=bis, map=map_, reward=reward, value=value, policy=policy), out
+
+
+def behaviour_cloning_loss(logits: Tensor, batch: Batch) -> Tensor:
+    """Cross-entropy of both drugs' policies [B, K, 2, A] against the clinician's actions at every
+    real unrolled step, summed over the two drugs."""
+    mask = batch["future_mask"].unsqueeze(-1).expand_as(batch["actions"])
+    return 2.0 * categorical_loss(logits, batch["actions"], mask)
+
+
+def policy_pass_loss(model: PlannerModel, batch: Batch, strategy: StrategyConfig) -> Tensor:
+    """Stage 2 alone, on states of the env model as it stands (no gradient reaches it)."""
+    with torch.no_grad():
+        out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
+        states = stage2_states(model, out, batch, strategy)
+    return behaviour_cloning_loss(model.policy_logits(states), batch)
 
 
 def combined_loss(losses: PlannerLosses, strategy: StrategyConfig, epoch: int) -> Tensor:
@@ -241,6 +264,9 @@ class PlannerModule(pl.LightningModule):
         self.history: list[dict[str, float]] = []
         self.epoch_times: list[float] = []
         self._val: ValidationAccumulator | None = None
+        # Minibatches in one pass over the training windows (the alternating strategy's loader
+        # serves two passes per epoch: env, then policy); set by `train_planner`.
+        self.batches_per_pass = 0
         self._epoch_start = 0.0
 
     def configure_optimizers(self):
@@ -253,31 +279,44 @@ class PlannerModule(pl.LightningModule):
         return [env, policy]
 
     def training_step(self, batch: Batch, batch_idx: int):
-        losses, _ = planner_losses(self.model, batch, self.strategy)
         epoch = self.current_epoch
         size = batch["history"].shape[0]
+        if not self.automatic_optimization and batch_idx >= self.batches_per_pass:
+            return self._alternating_policy_step(batch, epoch, size)
+        losses, _ = planner_losses(self.model, batch, self.strategy)
         for name, value in losses.as_floats().items():
-            self.log(f"loss/{name}", value, on_step=False, on_epoch=True, batch_size=size)
+            if self.automatic_optimization or name != "policy":
+                self.log(f"loss/{name}", value, on_step=False, on_epoch=True, batch_size=size)
         if self.automatic_optimization:
             loss = combined_loss(losses, self.strategy, epoch)
             self.log("loss/total", loss.detach(), on_step=False, on_epoch=True, batch_size=size)
             return loss
-        # Alternating: the env model steps on the env loss, then the policy network on the policy
-        # loss (computed on detached states, so it only reaches the policy network).
-        env_opt, policy_opt = self.optimizers()
-        clip = self.run.optim.grad_clip or None
+        # Alternating (the seed's solution 3), env pass: each epoch first passes over all
+        # minibatches stepping the env model on the env loss with its own optimiser ...
+        env_opt, _ = self.optimizers()
         env_opt.zero_grad()
-        policy_opt.zero_grad()
         self.manual_backward(self.strategy.resolved_env_weight * losses.env)
-        if clip:
-            self.clip_gradients(env_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        self._clip(env_opt)
         env_opt.step()
-        if policy_active(self.strategy, epoch):
-            self.manual_backward(losses.policy)
-            if clip:
-                self.clip_gradients(policy_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-            policy_opt.step()
         return None
+
+    def _alternating_policy_step(self, batch: Batch, epoch: int, size: int) -> None:
+        """... then over the same minibatches stepping the policy network on the policy loss,
+        with states of the env model as it stands (no gradient reaches it)."""
+        if not policy_active(self.strategy, epoch):
+            return
+        _, policy_opt = self.optimizers()
+        loss = policy_pass_loss(self.model, batch, self.strategy)
+        self.log("loss/policy", loss.detach(), on_step=False, on_epoch=True, batch_size=size)
+        policy_opt.zero_grad()
+        self.manual_backward(loss)
+        self._clip(policy_opt)
+        policy_opt.step()
+        return
+
+    def _clip(self, optimizer) -> None:
+        if self.run.optim.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.run.optim.grad_clip, gradient_clip_algorithm="norm")
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
@@ -366,7 +405,14 @@ def train_planner(
     pl.seed_everything(run.train.seed, workers=True, verbose=False)
     gamma = run.windows.gamma
     train_tensors, val_tensors = window_tensors(train, gamma), window_tensors(val, gamma)
-    module = PlannerModule(run, PlannerStats.from_windows(train))
+    stats = PlannerStats.from_windows(train)
+    module = PlannerModule(run, stats)
+    passes = 2 if run.strategy.name == "alternating" else 1
+    train_loader = batch_loader(
+        train_tensors, run.train.batch_size, shuffle=True, seed=run.train.seed, passes=passes,
+        per_epoch=run.train.windows_per_epoch,
+    )
+    module.batches_per_pass = len(train_loader) // passes
     trainer = pl.Trainer(
         max_epochs=run.train.epochs,
         accelerator="cpu",
@@ -391,15 +437,28 @@ def train_planner(
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         trainer.fit(
             module,
-            train_dataloaders=batch_loader(train_tensors, run.train.batch_size, shuffle=True, seed=run.train.seed),
+            train_dataloaders=train_loader,
             val_dataloaders=batch_loader(val_tensors, run.train.batch_size, shuffle=False),
         )
     wall = time.perf_counter() - started
     module.model.eval()
     save_planner(module.model, run, out / "model.pt")
     summary = build_summary(module, run, len(train), len(val), wall)
+    summary["constant_baseline"] = constant_baselines(stats, val_tensors)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return PlannerRun(module=module, summary=summary)
+
+
+def constant_baselines(stats: PlannerStats, val: Batch) -> dict[str, float]:
+    """Validation MAE of predicting the training mean reward and return everywhere: a value or
+    reward head that does no better than these has learned nothing about the state."""
+    future, value_mask = val["future_mask"], val["value_mask"]
+    reward = (val["rewards"] - stats.reward_mean).abs()
+    value = (val["values"] - stats.return_mean).abs()
+    return {
+        "val_reward_mae": float(masked_mean(reward.double(), future)),
+        "val_value_mae": float(masked_mean(value.double(), value_mask)),
+    }
 
 
 def build_summary(module: PlannerModule, run: PlannerRunConfig, n_train: int, n_val: int, wall_s: float) -> dict[str, Any]:

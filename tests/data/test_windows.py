@@ -56,7 +56,8 @@ def reference_windows(frame: pd.DataFrame, config: WindowConfig, reward: Anesthe
         rates = rows[list(RATES)].to_numpy(np.int64)
         steps = len(rows)
         previous = np.vstack([np.zeros((1, 2)), rates[:-1]])
-        observations = np.hstack([vitals, previous])
+        elapsed = rows["time"].to_numpy(np.float64) - rows["time"].min()
+        observations = np.hstack([vitals, previous, (elapsed < config.induction_s)[:, None]])
         step_reward = [float(reward.reward(vitals[s + 1, 0], vitals[s + 1, 1])) for s in range(steps - 1)]
         for t in range(steps - 1):
             history = np.zeros((config.max_len, len(HISTORY_FEATURES)))
@@ -86,7 +87,7 @@ def test_shapes_dtypes_and_names() -> None:
     windows = build_windows(two_cases(), config)
     w = 3 + 6  # a case of T steps gives T - 1 windows
     assert len(windows) == w
-    assert windows.history.shape == (w, 3, 7) and windows.history.dtype == np.float32
+    assert windows.history.shape == (w, 3, 8) and windows.history.dtype == np.float32
     assert windows.history_mask.shape == (w, 3) and windows.history_mask.dtype == bool
     assert windows.static.shape == (w, 5) and windows.static.dtype == np.float32
     assert windows.actions.shape == (w, 2, 2) and windows.actions.dtype == np.int64
@@ -95,7 +96,7 @@ def test_shapes_dtypes_and_names() -> None:
     assert windows.rewards.shape == (w, 2) and windows.rewards.dtype == np.float32
     assert windows.future_mask.shape == (w, 2) and windows.future_mask.dtype == bool
     assert windows.returns.shape == windows.times.shape == windows.case_ids.shape == (w,)
-    assert windows.feature_names == ("BIS", "MAP", "SBP", "DBP", "HR", "prev_PPF20_RATE", "prev_RFTN20_RATE")
+    assert windows.feature_names == ("BIS", "MAP", "SBP", "DBP", "HR", "prev_PPF20_RATE", "prev_RFTN20_RATE", "option")
     assert windows.static_names == COVARIATES and windows.action_names == RATES
     assert windows.case_ids.tolist() == ["a"] * 3 + ["b"] * 6
     assert windows.times.tolist() == [0.0, 60.0, 120.0, 0.0, 60.0, 120.0, 180.0, 240.0, 300.0]
@@ -107,11 +108,22 @@ def test_history_is_left_padded_and_first_window_has_one_real_step() -> None:
     np.testing.assert_array_equal(windows.history_mask[3], [False, False, True])  # first window of case b
     np.testing.assert_array_equal(windows.history[0, :2], 0.0)
     # Case a step 0: its vitals, and no rate before the case started.
-    np.testing.assert_allclose(windows.history[0, 2], [10.3, 10.8, 11.3, 11.8, 12.3, 0.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(windows.history[0, 2], [10.3, 10.8, 11.3, 11.8, 12.3, 0.0, 0.0, 1.0], rtol=1e-6)
     # Case a step 2 (window 2): steps 0..2, each with the rates of the step before.
     np.testing.assert_allclose(windows.history[2, :, 0], [10.3, 11.3, 12.3], rtol=1e-6)
-    np.testing.assert_array_equal(windows.history[2, :, 5:], [[0, 0], [1, 1], [2, 3]])
+    np.testing.assert_array_equal(windows.history[2, :, 5:7], [[0, 0], [1, 1], [2, 3]])
     np.testing.assert_array_equal(windows.static[0], [10.0, 1.0, 11.0, 12.0, 3.0])
+
+
+def test_option_flag_marks_the_induction_phase_of_each_case() -> None:
+    # Steps are 60 s apart and each case starts at time 0: with induction_s 120 the flag is 1 on
+    # steps 0 and 1 of every case, 0 later, and 0 on padding.
+    windows = build_windows(two_cases(), WindowConfig(max_len=4, pre_len=1, induction_s=120.0))
+    option = windows.history[..., windows.feature_names.index("option")]
+    np.testing.assert_array_equal(option[2], [0, 1, 1, 0])  # case a, t = 2: padding, steps 0, 1, 2
+    np.testing.assert_array_equal(option[8], [0, 0, 0, 0])  # case b, t = 5: steps 2..5
+    off = build_windows(two_cases(), WindowConfig(max_len=4, pre_len=1, induction_s=0.0))
+    assert not off.history[..., -1].any()
 
 
 def test_actions_at_t_targets_at_t_plus_one_and_future_mask() -> None:
@@ -139,8 +151,8 @@ def test_no_window_mixes_two_cases() -> None:
     for w, case in enumerate(windows.case_ids):
         real = windows.history[w][windows.history_mask[w]]
         assert inside(real[:, :5], vitals[case])
-        assert (real[0, 5:] == 0).all() or inside(real[0, 5:], rates[case])  # 0 before the case's first step
-        assert inside(real[1:, 5:], rates[case])
+        assert (real[0, 5:7] == 0).all() or inside(real[0, 5:7], rates[case])  # 0 before the case's first step
+        assert inside(real[1:, 5:7], rates[case])
         assert (windows.history[w][~windows.history_mask[w]] == 0).all()
         future = windows.future_mask[w]
         assert inside(windows.target_bis[w][future], vitals[case])
@@ -235,7 +247,7 @@ def test_window_split_follows_the_case_split() -> None:
         assert isinstance(part, Windows)
         assert set(part.case_ids) == set(frame_parts[name]["case_id"])
         assert len(part) == 2 * len(set(part.case_ids))
-        assert part.history.shape[1:] == (4, 7)
+        assert part.history.shape[1:] == (4, 8)
     assert split_case_ids(windows.case_ids, config)["val"].tolist() == sorted(set(parts["val"].case_ids))
 
 

@@ -19,6 +19,7 @@ from dosewise.planner.training import (
     ReboundMonitor,
     load_planner,
     planner_losses,
+    policy_pass_loss,
     train_planner,
 )
 from tests.planner.conftest import tiny_run
@@ -115,6 +116,34 @@ def test_alternating_steps_policy_with_its_own_optimiser_only(tiny_windows, tmp_
     frozen = train_planner(tiny_run("alternating", epochs=1, warmup_epochs=1), tiny_windows["train"],
                            tiny_windows["val"], tmp_path / "b").model
     assert torch.equal(frozen.policy_head[0].weight, start)
+
+
+def test_alternating_policy_pass_reaches_the_policy_network_only(tiny_windows, tiny_batch):
+    run = tiny_run("alternating")
+    model = model_for(run, tiny_windows["train"])
+    policy_pass_loss(model, tiny_batch, run.strategy).backward()
+    groups = model.parameter_groups()
+    assert all(p.grad is None for p in groups["env"])
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in groups["policy"])
+
+
+def test_alternating_epoch_serves_the_same_minibatches_twice(tiny_windows):
+    tensors = window_tensors(tiny_windows["train"], 0.9)
+    once = [b["actions"] for b in batch_loader(tensors, 16, shuffle=True, seed=3)]
+    twice = [b["actions"] for b in batch_loader(tensors, 16, shuffle=True, seed=3, passes=2)]
+    assert len(twice) == 2 * len(once)
+    for first, second, single in zip(twice[: len(once)], twice[len(once) :], once):
+        assert torch.equal(first, second) and torch.equal(first, single)
+
+
+def test_windows_per_epoch_draws_a_fresh_subset_each_epoch(tiny_windows):
+    tensors = window_tensors(tiny_windows["train"], 0.9)
+    tensors = {**tensors, "row": torch.arange(len(tiny_windows["train"]))}
+    loader = batch_loader(tensors, 8, shuffle=True, seed=1, per_epoch=20)
+    epochs = [torch.cat([b["row"] for b in loader]) for _ in range(2)]
+    for rows in epochs:
+        assert len(rows) == 20 and len(set(rows.tolist())) == 20  # without replacement
+    assert not torch.equal(epochs[0], epochs[1])
 
 
 def test_shipped_configs_load_with_their_strategy():
