@@ -90,11 +90,12 @@ def beam_search(
     history: Tensor,
     history_mask: Tensor,
     static: Tensor,
-    config: BeamConfig = BeamConfig(),
+    config: BeamConfig | None = None,
     allowed: Tensor | None = None,
 ) -> BeamResult:
     """Plan `config.depth` steps for every row of the batch (inputs as `PlannerModel.represent`);
-    `allowed` [B, 2, A] bool limits the rates (`dose_mask`)."""
+    `allowed` [B, 2, A] bool limits the rates (`dose_mask`); config None: `BeamConfig()`."""
+    config = config or BeamConfig()
     if config.depth > model.pre_len:
         raise ValueError(f"beam depth {config.depth} exceeds the model's pre_len {model.pre_len}")
     memory, padding = model.represent(history, history_mask, static)  # [B, L+1, d]

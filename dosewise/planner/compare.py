@@ -157,10 +157,15 @@ def comparison_markdown(rows: list[dict[str, Any]], wall_s: float, jobs: int) ->
     baseline = clinician.get("constant_baseline", {})
     notes = [
         "",
-        f"Simulated anesthesiologist on the same held-out cases: BIS 40–60 {clinician.get('clinician_pct_bis_40_60', math.nan):.1f} %, "
-        f"MAP < 65 {clinician.get('clinician_pct_map_below_65', math.nan):.1f} %.",
-        f"Predicting the training mean everywhere: reward MAE {baseline.get('val_reward_mae', math.nan):.3f}, "
-        f"value MAE {baseline.get('val_value_mae', math.nan):.2f}.",
+        (
+            f"Simulated anesthesiologist on the same held-out cases: BIS 40–60 "
+            f"{clinician.get('clinician_pct_bis_40_60', math.nan):.1f} %, "
+            f"MAP < 65 {clinician.get('clinician_pct_map_below_65', math.nan):.1f} %."
+        ),
+        (
+            f"Predicting the training mean everywhere: reward MAE {baseline.get('val_reward_mae', math.nan):.3f}, "
+            f"value MAE {baseline.get('val_value_mae', math.nan):.2f}."
+        ),
         f"Wall time {wall_s / 60:.1f} min with {jobs} parallel jobs (one CPU thread each).",
         "",
     ]

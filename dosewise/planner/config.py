@@ -92,6 +92,52 @@ class StrategyConfig(BaseModel):
         return self.name in ("detach", "alternating")
 
 
+# Stage 2 presets of seed 000: weights of BC and the MCTS term, the margin the search's action
+# must beat the clinician's by, simulations per search, and whether Stage 2 uses teacher forcing.
+SEARCH_PRESETS: dict[str, dict[str, float | int | bool]] = {
+    "conservative": {"bc_weight": 0.8, "mcts_weight": 0.2, "margin": 0.15, "num_simulations": 30, "teacher_forcing": True},
+    "balanced": {"bc_weight": 0.7, "mcts_weight": 0.3, "margin": 0.10, "num_simulations": 50, "teacher_forcing": True},
+    "aggressive": {"bc_weight": 0.5, "mcts_weight": 0.5, "margin": 0.05, "num_simulations": 80, "teacher_forcing": False},
+}
+
+
+class SearchTrainingConfig(BaseModel):
+    """Policy improvement by search in Stage 2 (seed 000): the batched MCTS searches from every
+    window's state_0; Q = r + γ·V of its action and of the clinician's, one model step each,
+    in units of the training return's standard deviation. Where Q_mcts > Q_expert + margin
+    the MCTS action is a target with weight 1, elsewhere weight 0; the policy loss is
+    bc_weight · BC + mcts_weight · mean(w · CE(policy at s_0, MCTS action)).
+    `preset` fills every field left empty; "off" trains by BC alone."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: Literal["off", "conservative", "balanced", "aggressive"] = "off"
+    bc_weight: float | None = Field(None, ge=0.0)
+    mcts_weight: float | None = Field(None, ge=0.0)
+    # In return standard deviations (value and reward heads are trained in those units).
+    margin: float | None = None
+    num_simulations: int | None = Field(None, ge=1)
+    # None: the preset's (aggressive rolls Stage 2 out with the policy's own actions).
+    teacher_forcing: bool | None = None
+    # Joint actions expanded per node, and the other settings of the search.
+    num_sampled_actions: int = Field(16, ge=1)
+    root_selection: Literal["puct", "gumbel"] = "puct"
+    # Alarm when the share of windows with weight 1 in an epoch leaves [low, high].
+    activation_alarm: tuple[float, float] = (0.01, 0.80)
+
+    @property
+    def enabled(self) -> bool:
+        return self.preset != "off"
+
+    def resolved(self, name: str) -> float | int | bool:
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        if not self.enabled:
+            raise ValueError(f"search.{name} is not set and the preset is off")
+        return SEARCH_PRESETS[self.preset][name]
+
+
 class OptimConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -164,5 +210,6 @@ class PlannerRunConfig(BaseModel):
     train: PlannerTrainConfig = PlannerTrainConfig()
     monitor: MonitorConfig = MonitorConfig()
     closed_loop: ClosedLoopConfig = ClosedLoopConfig()
+    search: SearchTrainingConfig = SearchTrainingConfig()
     # The training file, filled in by `dosewise train planner`.
     data_path: str | None = None

@@ -84,6 +84,8 @@ class PlannerOutput:
     bis_logits: Tensor  # [B, K, BIS_MAX + 1] from s_1..s_K
     map_logits: Tensor  # [B, K, MAP_MAX + 1] from s_1..s_K
     states: Tensor  # [B, K + 1, d] s_0..s_K
+    memory: Tensor  # [B, L + 1, d] the encoded history (state_0)
+    memory_padding: Tensor  # [B, L + 1] bool, True = padding
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -218,6 +220,8 @@ class PlannerModel(nn.Module):
             bis_logits=self.bis_head(after),
             map_logits=self.map_head(after),
             states=states,
+            memory=memory,
+            memory_padding=padding,
         )
 
     def rollout_policy(self, memory: Tensor, memory_padding: Tensor, steps: int, detach_dynamics: bool = False) -> tuple[Tensor, Tensor]:

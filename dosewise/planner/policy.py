@@ -68,7 +68,7 @@ class PlannerPolicy:
         model: PlannerModel,
         mode: PlanningMode = "argmax",
         *,
-        beam: BeamConfig = BeamConfig(),
+        beam: BeamConfig | None = None,
         mcts=None,
         max_rate: tuple[int, int] = (200, 200),
         min_rate: tuple[int, int] = (0, 0),
@@ -77,7 +77,7 @@ class PlannerPolicy:
         seed: int = 0,
     ) -> None:
         self.model = model.eval()
-        self.mode, self.beam, self.mcts = mode, beam, mcts
+        self.mode, self.beam, self.mcts = mode, beam or BeamConfig(), mcts
         self.max_rate, self.min_rate = max_rate, min_rate
         self.induction_s, self.step_s = induction_s, step_s
         self.generator = torch.Generator().manual_seed(seed)
@@ -94,9 +94,11 @@ class PlannerPolicy:
         elif self.mode == "beam":
             levels = beam_search(self.model, *inputs, self.beam, allowed).action
         elif self.mode == "mcts":
-            from dosewise.planner.mcts import MCTSConfig, plan_with_mcts
+            from dosewise.planner.mcts import MCTSConfig, planner_search_fns, search
 
-            levels = plan_with_mcts(self.model, *inputs, self.mcts or MCTSConfig(), allowed, self.generator)
+            config = self.mcts or MCTSConfig(max_depth=self.model.pre_len)
+            root, recurrent = planner_search_fns(self.model, *inputs, max_depth=config.max_depth)
+            levels = search(root, recurrent, config, invalid_actions=~allowed, generator=self.generator).action
         else:
             raise ValueError(f"unknown planning mode {self.mode!r}; expected argmax, beam or mcts")
         levels = levels.numpy()

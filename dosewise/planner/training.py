@@ -9,7 +9,8 @@ validation metrics and the rebound alarm → the LightningModule → `train_plan
   both drugs' categorical policies against the clinician's action at every unrolled step.
   Teacher forcing (the default) rolls out with the clinician's actions, each sample its own,
   so the Stage 2 states are Stage 1's; `stage2_rollout: policy` rolls out with the model's own
-  argmax actions instead. The MCTS term of the seed is not implemented yet.
+  argmax actions instead. With a search preset (`SearchTrainingConfig`) the batched MCTS
+  searches from every window's state_0 and adds the seed's margin-gated MCTS term.
 - Strategies (`StrategyConfig`): joint, warmup, weighted, detach, alternating.
 """
 
@@ -20,6 +21,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from dosewise.planner.config import (
     ENV_METRICS,
     MonitorConfig,
     PlannerRunConfig,
+    SearchTrainingConfig,
     StrategyConfig,
 )
 from dosewise.planner.data import Batch, batch_loader, window_tensors
@@ -113,12 +116,90 @@ def stage2_states(model: PlannerModel, out: PlannerOutput, batch: Batch, strateg
     return states.detach() if detach else states
 
 
-def planner_losses(model: PlannerModel, batch: Batch, strategy: StrategyConfig) -> tuple[PlannerLosses, PlannerOutput]:
-    """Stage 1 and Stage 2 losses of one batch (one forward pass with the true actions)."""
+@dataclass(frozen=True)
+class SearchTargets:
+    """The MCTS term's targets for one batch (seed 000's Stage 2)."""
+
+    action: Tensor  # [B, 2] int64 the search's joint action at s_0
+    weight: Tensor  # [B] float 1 where Q_mcts > Q_expert + margin, else 0
+    q_mcts: Tensor  # [B] r + γV of the search's action, in return standard deviations
+    q_expert: Tensor  # [B] r + γV of the clinician's action, same units
+
+
+@torch.no_grad()
+def one_step_q(model: PlannerModel, memory: Tensor, padding: Tensor, actions: list[Tensor], gamma: float) -> list[Tensor]:
+    """Q = r + γ·V(s_1) of each set of joint actions [B, 2] at every window's state_0 (memory,
+    padding from `represent`), in units of the training return's standard deviation: one [B]
+    per set."""
+    n = len(actions)
+    reached = model.unroll(memory.repeat(n, 1, 1), padding.repeat(n, 1), torch.cat(actions).unsqueeze(1))[:, 0]
+    reward = model.reward_in_units(model.reward_head(reached).squeeze(-1))
+    q = (reward + gamma * model.value_in_units(model.value(reached))) / model.return_std
+    return list(q.chunk(n))
+
+
+@torch.no_grad()
+def search_targets(
+    model: PlannerModel,
+    batch: Batch,
+    search: SearchTrainingConfig,
+    gamma: float,
+    generator: torch.Generator,
+    memory: Tensor | None = None,
+    padding: Tensor | None = None,
+) -> SearchTargets:
+    """Search from every window's state_0 (one batched MCTS over the whole batch), then gate the
+    search's action by the margin over the clinician's. memory/padding: the encoded history
+    when the caller has it (a training step's forward pass), else it is encoded here."""
+    from dosewise.planner.mcts import MCTSConfig, planner_search_fns_from_memory
+    from dosewise.planner.mcts import search as mcts_search
+
+    if memory is None or padding is None:
+        memory, padding = model.represent(batch["history"], batch["history_mask"], batch["static"])
+    memory = memory.detach()
+    config = MCTSConfig(
+        num_simulations=int(search.resolved("num_simulations")),
+        num_sampled_actions=search.num_sampled_actions,
+        root_selection=search.root_selection,
+        gamma=gamma,
+        max_depth=model.pre_len,
+    )
+    root, recurrent = planner_search_fns_from_memory(model, memory, padding)
+    action = mcts_search(root, recurrent, config, generator=generator).action
+    q_mcts, q_expert = one_step_q(model, memory, padding, [action, batch["actions"][:, 0]], gamma)
+    weight = (q_mcts > q_expert + float(search.resolved("margin"))).to(q_mcts.dtype)
+    return SearchTargets(action=action, weight=weight, q_mcts=q_mcts, q_expert=q_expert)
+
+
+# Called with the batch and the forward pass's output; returns the MCTS targets.
+SearchStep = Callable[[Batch, PlannerOutput], SearchTargets]
+
+
+def planner_losses(
+    model: PlannerModel,
+    batch: Batch,
+    strategy: StrategyConfig,
+    search: SearchTrainingConfig | None = None,
+    search_step: SearchStep | None = None,
+) -> tuple[PlannerLosses, PlannerOutput]:
+    """Stage 1 and Stage 2 losses of one batch (one forward pass with the true actions); with a
+    `search_step`, the policy loss is bc_weight · BC + mcts_weight · mean(w · CE) on its targets."""
     out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
     bis, map_, reward, value = stage1_losses(model, out, batch)
-    policy = behaviour_cloning_loss(model.policy_logits(stage2_states(model, out, batch, strategy)), batch)
+    targets = search_step(batch, out) if search_step is not None else None
+    logits = model.policy_logits(stage2_states(model, out, batch, strategy))
+    policy = stage2_loss(logits, batch, search, targets)
     return PlannerLosses(bis=bis, map=map_, reward=reward, value=value, policy=policy), out
+
+
+def stage2_loss(logits: Tensor, batch: Batch, search: SearchTrainingConfig | None, targets: SearchTargets | None) -> Tensor:
+    """BC alone, or the seed's λ_bc · BC + λ_mcts · mean over the batch of w · CE(policy at s_0,
+    MCTS action) (summed over the two drugs)."""
+    bc = behaviour_cloning_loss(logits, batch)
+    if targets is None or search is None or not search.enabled:
+        return bc
+    ce = F.cross_entropy(logits[:, 0].flatten(0, 1), targets.action.flatten(), reduction="none").view(-1, 2).sum(-1)
+    return float(search.resolved("bc_weight")) * bc + float(search.resolved("mcts_weight")) * (targets.weight * ce).mean()
 
 
 def behaviour_cloning_loss(logits: Tensor, batch: Batch) -> Tensor:
@@ -128,12 +209,19 @@ def behaviour_cloning_loss(logits: Tensor, batch: Batch) -> Tensor:
     return 2.0 * categorical_loss(logits, batch["actions"], mask)
 
 
-def policy_pass_loss(model: PlannerModel, batch: Batch, strategy: StrategyConfig) -> Tensor:
+def policy_pass_loss(
+    model: PlannerModel,
+    batch: Batch,
+    strategy: StrategyConfig,
+    search: SearchTrainingConfig | None = None,
+    search_step: SearchStep | None = None,
+) -> Tensor:
     """Stage 2 alone, on states of the env model as it stands (no gradient reaches it)."""
     with torch.no_grad():
         out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
         states = stage2_states(model, out, batch, strategy)
-    return behaviour_cloning_loss(model.policy_logits(states), batch)
+        targets = search_step(batch, out) if search_step is not None else None
+    return stage2_loss(model.policy_logits(states), batch, search, targets)
 
 
 def combined_loss(losses: PlannerLosses, strategy: StrategyConfig, epoch: int) -> Tensor:
@@ -255,7 +343,15 @@ class PlannerModule(pl.LightningModule):
     def __init__(self, run: PlannerRunConfig, stats: PlannerStats | None = None) -> None:
         super().__init__()
         self.run = run
+        self.search = run.search
         self.strategy = run.strategy
+        if run.search.enabled:  # a search preset decides whether Stage 2 uses teacher forcing
+            rollout = "teacher" if run.search.resolved("teacher_forcing") else "policy"
+            self.strategy = run.strategy.model_copy(update={"stage2_rollout": rollout})
+        self.search_generator = torch.Generator().manual_seed(run.train.seed + 7919)
+        self.activation: list[dict[str, float]] = []  # per epoch: share of windows with weight 1
+        self.search_alarms: list[dict[str, Any]] = []
+        self._weights: list[Tensor] = []
         self.model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
         if stats is not None:
             self.model.set_stats(stats)
@@ -283,7 +379,8 @@ class PlannerModule(pl.LightningModule):
         size = batch["history"].shape[0]
         if not self.automatic_optimization and batch_idx >= self.batches_per_pass:
             return self._alternating_policy_step(batch, epoch, size)
-        losses, _ = planner_losses(self.model, batch, self.strategy)
+        searching = self.search.enabled and self.automatic_optimization and policy_active(self.strategy, epoch)
+        losses, _ = planner_losses(self.model, batch, self.strategy, self.search, self._search if searching else None)
         for name, value in losses.as_floats().items():
             if self.automatic_optimization or name != "policy":
                 self.log(f"loss/{name}", value, on_step=False, on_epoch=True, batch_size=size)
@@ -306,13 +403,40 @@ class PlannerModule(pl.LightningModule):
         if not policy_active(self.strategy, epoch):
             return
         _, policy_opt = self.optimizers()
-        loss = policy_pass_loss(self.model, batch, self.strategy)
+        loss = policy_pass_loss(self.model, batch, self.strategy, self.search, self._search if self.search.enabled else None)
         self.log("loss/policy", loss.detach(), on_step=False, on_epoch=True, batch_size=size)
         policy_opt.zero_grad()
         self.manual_backward(loss)
         self._clip(policy_opt)
         policy_opt.step()
         return
+
+    def _search(self, batch: Batch, out: PlannerOutput) -> SearchTargets:
+        """MCTS targets for the batch from the forward pass's encoded history (weights kept for
+        the epoch's activation rate)."""
+        targets = search_targets(
+            self.model, batch, self.search, self.run.windows.gamma, self.search_generator, out.memory, out.memory_padding
+        )
+        self._weights.append(targets.weight)
+        return targets
+
+    def _record_activation(self) -> None:
+        """The epoch's MCTS activation rate (share of windows whose target is the search's action),
+        to the logs and the summary; an alarm outside `search.activation_alarm`."""
+        if not self._weights:
+            return
+        rate = float(torch.cat(self._weights).mean())
+        self._weights = []
+        self.activation.append({"epoch": self.current_epoch, "rate": rate})
+        self.log("mcts/activation_rate", rate)
+        low, high = self.search.activation_alarm
+        if not low <= rate <= high:
+            alarm = {"epoch": self.current_epoch, "rate": rate, "low": low, "high": high}
+            self.search_alarms.append(alarm)
+            log.warning(
+                "MCTS activation alarm: %.1f %% of windows took the search's action at epoch %d (healthy %.0f-%.0f %%)",
+                100 * rate, self.current_epoch, 100 * low, 100 * high,
+            )
 
     def _clip(self, optimizer) -> None:
         if self.run.optim.grad_clip:
@@ -324,6 +448,7 @@ class PlannerModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         elapsed = time.perf_counter() - self._epoch_start
         self.epoch_times.append(elapsed)
+        self._record_activation()
         self.log("time/epoch_s", elapsed)
         self.log("charts/policy_active", float(policy_active(self.strategy, self.current_epoch)))
 
@@ -473,7 +598,7 @@ def build_summary(module: PlannerModule, run: PlannerRunConfig, n_train: int, n_
         "strategy": run.strategy.name,
         "warmup_epochs": run.strategy.resolved_warmup_epochs,
         "env_weight": run.strategy.resolved_env_weight,
-        "stage2_rollout": run.strategy.stage2_rollout,
+        "stage2_rollout": module.strategy.stage2_rollout,
         "epochs": len(history),
         "train_windows": n_train,
         "val_windows": n_val,
@@ -484,6 +609,11 @@ def build_summary(module: PlannerModule, run: PlannerRunConfig, n_train: int, n_
         "final": final,
         "best": best,
         "alarms": list(module.monitor.alarms),
+        "search": {
+            **run.search.model_dump(mode="json"),
+            "activation": module.activation,
+            "activation_alarms": module.search_alarms,
+        },
         "monitor": run.monitor.model_dump(),
         "history": history,
     }

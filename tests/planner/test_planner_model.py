@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from dosewise.planner.model import RATE_LEVELS, PlannerModel, PlannerStats, expected_class
+from dosewise.planner.model import (
+    RATE_LEVELS,
+    PlannerModel,
+    PlannerStats,
+    expected_class,
+)
 from tests.planner.conftest import tiny_run
 
 

@@ -1,0 +1,672 @@
+"""Batched Monte Carlo tree search over the planner's learned model (issue 5, DESIGN.md section 2).
+
+One search runs B independent trees at once on tensors: every simulation selects a path in all
+B trees, expands one leaf per tree with ONE call of the model's recurrent inference on the whole
+batch, and backs the leaf's value up. There is no Python loop over samples and no host
+synchronisation inside the search: Python loops run only over simulations and depths (fixed
+ints), every data-dependent choice is a `torch.where` or an argmax. `mcts_reference.py` is the
+same search written one sample at a time; the tests hold the two equal.
+
+Reads top to bottom: constants → `MCTSConfig` → the model's interface (`RootOutput`,
+`RecurrentOutput`, `RecurrentFn`) → random numbers (`SearchNoise`, `draw_noise`) → the tree and
+the result → child sampling, selection, expansion, backup → `search` → the planner adapter
+(`planner_search_fns`, `planner_search_fns_from_memory`: incremental decoding with a key/value
+cache, one token per call).
+
+Shapes: B trees, N = num_simulations + 1 nodes per tree, k = num_sampled_actions children per
+node, A levels per drug, 2 drugs, m = candidate_levels, S the shape of an embedded state.
+
+- Actions are joint: one level per drug. A node does not expand all A² joint actions but k of
+  them sampled from its policy prior (Sampled MuZero, Hubert et al. 2021): each drug is
+  restricted to its m most probable valid levels, and k distinct pairs of the m² candidates
+  are drawn by Gumbel-top-k (without replacement) on the joint log-prior
+  log π_ppf(i) + log π_rftn(j). Approximation: pairs outside the m × m candidates are never
+  sampled (their mass is small when m ≫ the policy's spread), and the children's priors are
+  the softmax of their joint log-priors, i.e. the prior renormalised over the sampled set,
+  without Sampled MuZero's β̂/β correction.
+- Invalid levels ([B, 2, A] bool mask, True = invalid, e.g. dose limits) get zero prior at
+  every node and are never expanded nor chosen. Each drug needs at least one valid level.
+- Selection: pUCT, score = Q̂ + c_puct · P · √N(node) / (1 + N(child)), Q = r + γ·V(child),
+  Q̂ = (Q − min) / (max − min) with MuZero's per-tree min-max statistics (started at the root's
+  value, updated with every Q backed up). An unvisited child's Q is its parent's value by
+  default (`unvisited_q: parent`, like mctx's default Q transform); with MuZero's pseudocode
+  (`unvisited_q: zero`, Q̂ = 0) and few simulations the search stays on the prior's favourite
+  path: a visited child with Q̂ near 1 beats an unvisited one until c_puct · P · √N exceeds
+  about 1 (N ≈ 160 for P = 1/16).
+- `root_selection: gumbel` (Gumbel MuZero, Danihelka et al. 2022) replaces pUCT at the root:
+  the root's k children are the Gumbel-top-k sample itself, sequential halving spreads the
+  simulations over them, and the final action is the argmax of g + logits + σ(Q̂) among the
+  most visited children, with Q completed by the mixed value approximation for unvisited
+  children, min-max normalised over the root's children, and σ(q) = (c_visit + max N)·c_scale·q.
+  Interior nodes keep pUCT. The final pUCT action is the most visited root child.
+- The learned dynamics unrolls only `pre_len` steps: a node at `max_depth` is a leaf evaluated
+  by its value and never expanded; a simulation that reaches it again backs its value up again
+  (in the batched search, such a row's share of that simulation's model call is discarded).
+- Every random number is drawn before the search (`draw_noise`) with the batch as the leading
+  axis, so the reference uses exactly the same numbers for its row: same seed, same result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from dosewise.data.anesthesia import RATE_MAX
+from dosewise.planner.model import PlannerModel
+
+ROOT_INDEX = 0  # the root is node 0 of every tree
+UNVISITED = -1  # child index of a child that has no node yet; parent of the root / unused nodes
+N_DRUGS = 2  # propofol, remifentanil
+EPSILON = 1e-8  # smallest min-max range
+
+
+class MCTSConfig(BaseModel):
+    """Settings of the batched search (module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Simulations per search, each one model call on the whole batch; more = better, slower.
+    num_simulations: int = Field(50, ge=1)
+    # Joint actions expanded per node (sampled from the prior); more = wider, shallower trees.
+    num_sampled_actions: int = Field(16, ge=1)
+    # Levels per drug the joint actions are sampled from (the m most probable valid ones);
+    # candidate_levels² pairs are scored per expansion. Must not exceed the levels per drug.
+    candidate_levels: int = Field(24, ge=1)
+    # Exploration weight of the prior in pUCT; larger = follow the prior longer.
+    c_puct: float = Field(1.25, gt=0.0)
+    # Q of an unvisited child in pUCT: "parent" = the parent's value (as mctx's default
+    # qtransform_by_parent_and_siblings), so the search tries the other sampled actions;
+    # "zero" = Q̂ 0, MuZero's pseudocode, which with few simulations follows the prior's path.
+    unvisited_q: Literal["parent", "zero"] = "parent"
+    # Discount of rewards along a path (per unrolled step).
+    gamma: float = Field(0.99, gt=0.0, le=1.0)
+    # Deepest node (the dynamics unrolls at most pre_len steps); nodes there are leaves.
+    max_depth: int = Field(5, ge=1)
+    # How the root picks the child to simulate and the final action: pUCT (most visited child)
+    # or Gumbel MuZero (sequential halving; suited to few simulations).
+    root_selection: Literal["puct", "gumbel"] = "puct"
+    # Scale of the Gumbel noise of every expansion's sampling; 0 = deterministic top-k by prior.
+    gumbel_scale: float = Field(1.0, ge=0.0)
+    # σ of Gumbel MuZero: weight (c_visit + max visits) · c_scale of the normalised Q against
+    # the logits; larger = trust the search's Q more than the prior.
+    c_visit: float = Field(50.0, ge=0.0)
+    c_scale: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_sampled(self) -> MCTSConfig:
+        if self.num_sampled_actions > self.candidate_levels**2:
+            raise ValueError(
+                f"num_sampled_actions ({self.num_sampled_actions}) exceeds the candidate pairs "
+                f"(candidate_levels² = {self.candidate_levels**2})"
+            )
+        return self
+
+
+# -- the model's interface -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RootOutput:
+    """Root inference on B samples."""
+
+    prior_logits: Tensor  # [B, 2, A] unnormalised, per drug
+    value: Tensor  # [B] float
+    state: Tensor  # [B, *S] embedded state (any dtype)
+
+    def row(self, b: int) -> RootOutput:
+        """Sample b alone (batch of one)."""
+        return RootOutput(self.prior_logits[b : b + 1], self.value[b : b + 1], self.state[b : b + 1])
+
+
+@dataclass(frozen=True)
+class RecurrentOutput:
+    """Recurrent inference: the outcome of one joint action in each of B states."""
+
+    reward: Tensor  # [B] reward of the action (on the edge)
+    value: Tensor  # [B] value of the next state
+    prior_logits: Tensor  # [B, 2, A] policy in the next state
+    state: Tensor  # [B, *S] the next embedded state
+
+
+# recurrent_fn(state [B, *S], action [B, 2] long) -> RecurrentOutput; row b of the output may
+# depend on row b of the inputs only.
+RecurrentFn = Callable[[Tensor, Tensor], RecurrentOutput]
+
+
+# -- random numbers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchNoise:
+    """Every random number of a search, drawn up front.
+
+    gumbel[b, n] is the standard Gumbel noise of the candidate pairs when node n of tree b is
+    expanded (n = 0: the root; n = s + 1: the node simulation s creates); candidate pair
+    (i, j) of the two drugs' top levels is entry i · m + j. Under Gumbel MuZero the root's row
+    is also the g of sequential halving.
+    """
+
+    gumbel: Tensor  # [B, N, m²]
+
+    def row(self, b: int) -> SearchNoise:
+        return SearchNoise(self.gumbel[b : b + 1])
+
+
+def draw_noise(
+    batch_size: int,
+    config: MCTSConfig,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> SearchNoise:
+    """Standard Gumbel noise for a search of `batch_size` trees (`SearchNoise`)."""
+    shape = (batch_size, config.num_simulations + 1, config.candidate_levels**2)
+    uniform = torch.rand(shape, generator=generator, dtype=dtype, device=device)
+    uniform.clamp_(min=torch.finfo(dtype).tiny)
+    return SearchNoise(-torch.log(-torch.log(uniform)))
+
+
+# -- the tree and the result --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tree:
+    """B search trees as preallocated tensors; nodes are indices 0..N-1 (ROOT_INDEX = 0), node
+    s + 1 is created by simulation s (or stays unused, parent UNVISITED, when that simulation
+    ended at a node of max depth). The dataclass is frozen; the search fills the tensors in place.
+    """
+
+    node_visits: Tensor  # [B, N] float (whole numbers): backups through the node, its own evaluation included
+    value_sums: Tensor  # [B, N] float: sum of the backed-up returns; value = sum / visits
+    raw_values: Tensor  # [B, N] float: the model's value when the node was evaluated
+    rewards: Tensor  # [B, N] float: reward on the edge from the parent (0 at the root)
+    depths: Tensor  # [B, N] long: actions from the root
+    parents: Tensor  # [B, N] long: parent node, UNVISITED for the root and unused nodes
+    states: Tensor  # [B, N, *S]: embedded states
+    children_index: Tensor  # [B, N, k] long: node of each sampled child, UNVISITED if none yet
+    children_actions: Tensor  # [B, N, k, 2] long: joint action (levels) of each sampled child
+    children_logits: Tensor  # [B, N, k] float: joint log-prior; -inf = invalid / no child
+    children_priors: Tensor  # [B, N, k] float: softmax of children_logits (0 where invalid)
+    min_q: Tensor  # [B] float: smallest Q seen in the tree (min-max normalisation)
+    max_q: Tensor  # [B] float: largest Q seen in the tree
+
+    @property
+    def values(self) -> Tensor:
+        """[B, N] mean backed-up value of every node (0 for unused nodes)."""
+        return self.value_sums / self.node_visits.clamp(min=1)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Outcome of a search over B trees (k = num_sampled_actions root children)."""
+
+    action: Tensor  # [B, 2] long: the chosen joint action (levels)
+    chosen: Tensor  # [B] long: its index among the root's children
+    children_actions: Tensor  # [B, k, 2] long: the root's sampled joint actions
+    valid: Tensor  # [B, k] bool: False for children of invalid levels (never chosen)
+    visit_counts: Tensor  # [B, k] long: simulations through each root child
+    q_values: Tensor  # [B, k] float: r + γV of visited children; the mixed value for unvisited
+    root_value: Tensor  # [B] float: the root's search value (mean backed-up return)
+    policy: Tensor  # [B, k] float: improved policy over the root's children; visit distribution
+    # under pUCT, softmax(logits + σ(completed Q)) under Gumbel MuZero
+    tree: Tree | None = None  # the whole tree (None from the reference)
+
+    @property
+    def action_q(self) -> Tensor:
+        """[B] Q value (r + γV) of the chosen action."""
+        return self.q_values.gather(1, self.chosen.unsqueeze(1)).squeeze(1)
+
+
+# -- pieces of the search ---------------------------------------------------------------------
+
+
+@cache
+def considered_visit_sequence(num_considered: int, num_simulations: int) -> tuple[int, ...]:
+    """Sequential halving as a sequence of visit counts (Danihelka et al. 2022, Karnin et al. 2013):
+    simulation s visits a child whose visit count equals entry s. Phases halve the considered
+    children (never below 2); each phase spends about num_simulations / log2(num_considered)
+    simulations, at least one visit per considered child."""
+    if num_considered <= 1:
+        return tuple(range(num_simulations))
+    rounds = math.ceil(math.log2(num_considered))
+    sequence: list[int] = []
+    visits = 0  # visits of each still-considered child
+    considered = num_considered
+    while len(sequence) < num_simulations:
+        for _ in range(max(1, num_simulations // (rounds * considered))):
+            sequence += [visits] * considered
+            visits += 1
+        considered = max(2, considered // 2)
+    return tuple(sequence[:num_simulations])
+
+
+def considered_visit_table(num_sampled: int, num_simulations: int, device=None) -> Tensor:
+    """[k + 1, num_simulations] long: row c is `considered_visit_sequence(c, num_simulations)`."""
+    rows = [considered_visit_sequence(c, num_simulations) for c in range(num_sampled + 1)]
+    return torch.tensor(rows, dtype=torch.long, device=device)  # (compared with float visit counts: exact)
+
+
+def sample_children(
+    prior_logits: Tensor, invalid: Tensor, gumbel: Tensor, config: MCTSConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample k distinct joint actions per row (module docstring).
+
+    prior_logits [B, 2, A], invalid [B, 2, A] bool, gumbel [B, m²]. Both selections are
+    `torch.topk`, which treats every row alike whatever the batch (ties between equal values are
+    broken the same way in the reference). Returns actions [B, k, 2] long, their joint
+    log-priors [B, k] (-inf where a level is invalid) and their candidate indices [B, k].
+    """
+    m, k = config.candidate_levels, config.num_sampled_actions
+    log_prior = prior_logits.masked_fill(invalid, -math.inf).log_softmax(-1)  # [B, 2, A]
+    top_log_prior, top_level = log_prior.topk(m, dim=-1)  # [B, 2, m]
+    joint = (top_log_prior[:, 0, :, None] + top_log_prior[:, 1, None, :]).flatten(1)  # [B, m²]
+    candidates = (joint + config.gumbel_scale * gumbel).topk(k, dim=-1).indices  # [B, k]
+    first, second = _candidate_pairs(m, candidates.device)  # candidate c = i · m + j -> i, j
+    rows = candidates.shape[0]
+    actions = torch.stack([
+        top_level[:, 0].gather(1, first.expand(rows, -1).gather(1, candidates)),
+        top_level[:, 1].gather(1, second.expand(rows, -1).gather(1, candidates)),
+    ], dim=-1)
+    return actions, joint.gather(1, candidates), candidates
+
+
+@cache
+def _candidate_pairs(m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """[1, m²] long each: i and j of candidate i · m + j (gathers are cheaper than integer division)."""
+    pairs = torch.arange(m * m, device=device)
+    return (pairs // m).unsqueeze(0), (pairs % m).unsqueeze(0)
+
+
+def _masked_softmax(logits: Tensor) -> Tensor:
+    """Softmax over the last axis, -inf = excluded; all zeros (not NaN) where all are -inf."""
+    any_valid = (logits > -math.inf).any(-1, keepdim=True)
+    return torch.where(any_valid, logits, 0.0).softmax(-1) * any_valid
+
+
+def _take(values: Tensor, node: Tensor | None) -> Tensor:
+    """values [B, N, ...] at node [B] (None: the root) -> [B, ...]."""
+    if node is None:
+        return values[:, ROOT_INDEX]
+    index = node.view(-1, 1, *([1] * (values.dim() - 2))).expand(-1, 1, *values.shape[2:])
+    return values.gather(1, index).squeeze(1)
+
+
+def _children_stats(tree: Tree, node: Tensor | None, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Of the children of `node` [B] (None: the root): visited [B, k] bool, visits [B, k] float,
+    Q = r + γV [B, k] (meaningless where unvisited)."""
+    kids = _take(tree.children_index, node)  # [B, k]
+    visited = kids != UNVISITED
+    safe = kids.clamp(min=0)
+    visits = tree.node_visits.gather(1, safe) * visited  # 0 where unvisited
+    q = tree.rewards.gather(1, safe) + gamma * (tree.value_sums.gather(1, safe) / visits.clamp(min=1))
+    return visited, visits, q
+
+
+def _puct_scores(tree: Tree, node: Tensor | None, low: Tensor, span: Tensor, config: MCTSConfig) -> Tensor:
+    """pUCT score [B, k] of the children of `node` [B] (None: the root); -inf for invalid
+    children. low, span [B, 1]: the tree's min Q and max - min."""
+    visited, visits, q = _children_stats(tree, node, config.gamma)
+    if config.unvisited_q == "parent":
+        parent_value = _take(tree.value_sums, node) / _take(tree.node_visits, node).clamp(min=1)  # [B]
+        q = torch.where(visited, q, parent_value.unsqueeze(1))
+        q_hat = (q - low) / span
+    else:
+        q_hat = torch.where(visited, (q - low) / span, 0.0)
+    parent_visits = _take(tree.node_visits, node).sqrt().unsqueeze(1)
+    explore = config.c_puct * _take(tree.children_priors, node) * parent_visits / (1 + visits)
+    return torch.where(_take(tree.children_logits, node) > -math.inf, q_hat + explore, -math.inf)
+
+
+@dataclass(frozen=True)
+class _RootScores:
+    visits: Tensor  # [B, k] float
+    completed_q: Tensor  # [B, k]: Q where visited, the mixed value elsewhere
+    sigma: Tensor  # [B, k]: σ(normalised completed Q)
+    score: Tensor  # [B, k]: g + logits + σ, -inf for invalid children
+
+
+def _gumbel_root_scores(tree: Tree, root_gumbel: Tensor | float, config: MCTSConfig) -> _RootScores:
+    """Gumbel MuZero's root quantities; root_gumbel [B, k] is the g of the root's children."""
+    visited, visits, q = _children_stats(tree, None, config.gamma)
+    logits = tree.children_logits[:, ROOT_INDEX]
+    prior = tree.children_priors[:, ROOT_INDEX]
+    valid = logits > -math.inf
+    # Mixed value: (v̂ + ΣN · Σ_visited π·q / Σ_visited π) / (ΣN + 1).
+    total_visits = visits.sum(-1)
+    visited_prior = torch.where(visited, prior, 0.0)
+    prior_mass = visited_prior.sum(-1)
+    weighted_q = (visited_prior * torch.where(visited, q, 0.0)).sum(-1) / torch.where(prior_mass > 0, prior_mass, 1.0)
+    mixed = (tree.raw_values[:, ROOT_INDEX] + total_visits * weighted_q) / (total_visits + 1)
+    completed = torch.where(visited, q, mixed.unsqueeze(1))
+    low = torch.where(valid, completed, math.inf).amin(-1, keepdim=True)
+    high = torch.where(valid, completed, -math.inf).amax(-1, keepdim=True)
+    q_hat = (completed - low) / (high - low).clamp(min=EPSILON)
+    sigma = (config.c_visit + visits.amax(-1, keepdim=True)) * config.c_scale * q_hat
+    score = torch.where(valid, root_gumbel + logits + sigma, -math.inf)
+    return _RootScores(visits, completed, sigma, score)
+
+
+def _argmax_considered(scores: _RootScores, considered_visit: Tensor) -> Tensor:
+    """Argmax [B] of the score among the children visited exactly `considered_visit` [B] times."""
+    considered = scores.visits == considered_visit.unsqueeze(1)
+    return torch.where(considered, scores.score, -math.inf).argmax(-1)
+
+
+def _init_tree(root: RootOutput, config: MCTSConfig) -> Tree:
+    b, n, k = root.value.shape[0], config.num_simulations + 1, config.num_sampled_actions
+    value, device = root.value, root.value.device
+    tree = Tree(
+        node_visits=value.new_zeros(b, n),
+        value_sums=value.new_zeros(b, n),
+        raw_values=value.new_zeros(b, n),
+        rewards=value.new_zeros(b, n),
+        depths=torch.zeros(b, n, dtype=torch.long, device=device),
+        parents=torch.full((b, n), UNVISITED, dtype=torch.long, device=device),
+        states=root.state.new_empty((b, n, *root.state.shape[1:])),  # written before read
+        children_index=torch.full((b, n, k), UNVISITED, dtype=torch.long, device=device),
+        children_actions=torch.zeros(b, n, k, N_DRUGS, dtype=torch.long, device=device),
+        children_logits=value.new_full((b, n, k), -math.inf),
+        children_priors=value.new_zeros(b, n, k),
+        min_q=value.clone(),
+        max_q=value.clone(),
+    )
+    tree.node_visits[:, ROOT_INDEX] = 1
+    tree.value_sums[:, ROOT_INDEX] = value
+    tree.raw_values[:, ROOT_INDEX] = value
+    tree.states[:, ROOT_INDEX] = root.state
+    return tree
+
+
+def _write_children(tree: Tree, node: int, prior_logits: Tensor, invalid: Tensor, gumbel: Tensor, keep: Tensor | None,
+                    config: MCTSConfig) -> Tensor:
+    """Sample the children of node `node` of every tree (rows where `keep` [B] is False get no
+    valid child). Returns the candidate indices [B, k]."""
+    actions, logits, candidates = sample_children(prior_logits, invalid, gumbel, config)
+    if keep is not None:
+        logits = torch.where(keep.unsqueeze(1), logits, -math.inf)
+    tree.children_actions[:, node] = actions
+    tree.children_logits[:, node] = logits
+    tree.children_priors[:, node] = _masked_softmax(logits)
+    return candidates
+
+
+# -- the search ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """Where one simulation's descent ended, in every tree."""
+
+    path: Tensor  # [B, D+1] long: node at each depth from the root (meaningful up to the end)
+    node: Tensor  # [B] long: the last node reached (the parent of the expansion, if any)
+    slot: Tensor  # [B] long: which child of `node` to expand (where expand)
+    expand: Tensor  # [B] bool: ended at an unexpanded child; False: at a node of max depth
+
+
+def _select(tree: Tree, config: MCTSConfig, root_child: Tensor, low: Tensor, span: Tensor) -> _Selection:
+    """Descend from the root (its child root_child [B] first, then by pUCT; low, span [B, 1]: the
+    tree's min Q and range) until an unexpanded child or a node of max depth. Rows that have
+    stopped keep their node through the remaining depths."""
+    b, device = root_child.shape[0], root_child.device
+    path = torch.zeros(b, config.max_depth + 1, dtype=torch.long, device=device)
+    child = tree.children_index[:, ROOT_INDEX].gather(1, root_child.unsqueeze(1)).squeeze(1)
+    expand = child == UNVISITED
+    descending = ~expand
+    node = torch.where(descending, child, ROOT_INDEX)
+    slot = root_child
+    path[:, 1] = node
+    for depth in range(1, config.max_depth):
+        chosen = _puct_scores(tree, node, low, span, config).argmax(-1)
+        child = _take(tree.children_index, node).gather(1, chosen.unsqueeze(1)).squeeze(1)
+        stop = descending & (child == UNVISITED)
+        slot = torch.where(stop, chosen, slot)
+        expand, descending = expand | stop, descending & ~stop
+        node = torch.where(descending, child, node)
+        path[:, depth + 1] = node
+    return _Selection(path, node, slot, expand)
+
+
+def _expand(tree: Tree, selection: _Selection, new: int, recurrent_fn: RecurrentFn, invalid: Tensor, gumbel: Tensor,
+            config: MCTSConfig) -> Tensor:
+    """Evaluate the selected children with ONE call of recurrent_fn on all trees and store them as
+    node `new` (rows that ended at a max-depth node call it on the root's first child, any valid
+    input, and discard the output). gumbel [B, m²]: node `new`'s noise. Returns the new node's
+    depth [B] (garbage where not expanded)."""
+    b, n_nodes, k = tree.children_index.shape
+    expand = selection.expand
+    source = torch.where(expand, selection.node, ROOT_INDEX)
+    edge = source * k + torch.where(expand, selection.slot, 0)  # [B] flat (node, slot)
+    action = tree.children_actions.view(b, n_nodes * k, N_DRUGS).gather(1, edge.view(b, 1, 1).expand(b, 1, N_DRUGS))
+    flat_states = tree.states.view(b * n_nodes, *tree.states.shape[2:])
+    rows = torch.arange(b, device=source.device)
+    out = recurrent_fn(flat_states.index_select(0, rows * n_nodes + source), action.squeeze(1))
+    depth = tree.depths.gather(1, source.unsqueeze(1)).squeeze(1) + 1
+    tree.states[:, new] = out.state
+    tree.rewards[:, new] = torch.where(expand, out.reward.to(tree.rewards.dtype), 0.0)
+    tree.raw_values[:, new] = torch.where(expand, out.value.to(tree.rewards.dtype), 0.0)
+    tree.depths[:, new] = torch.where(expand, depth, 0)
+    tree.parents[:, new] = torch.where(expand, selection.node, UNVISITED)
+    _write_children(tree, new, out.prior_logits, invalid, gumbel, expand & (depth < config.max_depth), config)
+    # Link the new node to its parent; other rows write UNVISITED into the new node's first slot.
+    tree.children_index.view(b, n_nodes * k).scatter_(
+        1, torch.where(expand, edge, new * k).unsqueeze(1), torch.where(expand, new, UNVISITED).unsqueeze(1)
+    )
+    return depth
+
+
+def _backup(tree: Tree, selection: _Selection, new: int, new_depth: Tensor, config: MCTSConfig) -> None:
+    """Back the leaf's value up the path: every node on it gets one visit and the discounted
+    return G (G ← r + γG from the leaf up); the tree's min-max statistics see every updated Q."""
+    gamma, max_depth = config.gamma, config.max_depth
+    leaf = torch.where(selection.expand, new, selection.node)
+    leaf_depth = torch.where(selection.expand, new_depth, max_depth)
+    path = selection.path.scatter(1, leaf_depth.unsqueeze(1), leaf.unsqueeze(1))  # [B, D+1]
+    depth_range = torch.arange(max_depth + 1, device=path.device)
+    on_path = depth_range <= leaf_depth.unsqueeze(1)  # [B, D+1]
+    path_rewards = tree.rewards.gather(1, path)
+    returns = torch.empty_like(path_rewards)  # [B, D+1] G backed up into each node of the path
+    ret = tree.raw_values.gather(1, leaf.unsqueeze(1)).squeeze(1)
+    for depth in range(max_depth, -1, -1):
+        returns[:, depth] = ret
+        if depth > 0:
+            ret = torch.where(on_path[:, depth], path_rewards[:, depth] + gamma * ret, ret)
+    tree.node_visits.scatter_add_(1, path, on_path.to(tree.node_visits.dtype))  # off the path: + 0
+    tree.value_sums.scatter_add_(1, path, torch.where(on_path, returns, 0.0))
+    q = path_rewards + gamma * (tree.value_sums.gather(1, path) / tree.node_visits.gather(1, path).clamp(min=1))
+    on_edge = on_path & (depth_range >= 1)
+    torch.minimum(tree.min_q, torch.where(on_edge, q, math.inf).amin(1), out=tree.min_q)
+    torch.maximum(tree.max_q, torch.where(on_edge, q, -math.inf).amax(1), out=tree.max_q)
+
+
+@torch.no_grad()
+def search(
+    root: RootOutput,
+    recurrent_fn: RecurrentFn,
+    config: MCTSConfig,
+    invalid_actions: Tensor | None = None,
+    noise: SearchNoise | None = None,
+    generator: torch.Generator | None = None,
+) -> SearchResult:
+    """Run `config.num_simulations` simulations in B trees at once (module docstring).
+
+    root: root inference on B samples; recurrent_fn: the model's recurrent inference, called
+    once per simulation on all B trees (never on a state of max depth).
+    invalid_actions [B, 2, A] bool, True = never choose this level (None: all valid).
+    noise: the random numbers (`draw_noise`); None draws them from `generator` (None: torch's
+    default generator) in the dtype of root.value.
+    """
+    b, n_drugs, levels = root.prior_logits.shape
+    if n_drugs != N_DRUGS:
+        raise ValueError(f"prior_logits must be [B, {N_DRUGS}, A], got {tuple(root.prior_logits.shape)}")
+    if config.candidate_levels > levels:
+        raise ValueError(f"candidate_levels ({config.candidate_levels}) exceeds the {levels} levels per drug")
+    device = root.value.device
+    if invalid_actions is None:
+        invalid_actions = torch.zeros(b, N_DRUGS, levels, dtype=torch.bool, device=device)
+    if noise is None:
+        noise = draw_noise(b, config, generator, root.value.dtype, device)
+    expected = (b, config.num_simulations + 1, config.candidate_levels**2)
+    if tuple(noise.gumbel.shape) != expected:
+        raise ValueError(f"noise.gumbel must be {list(expected)} (draw_noise with this config), "
+                         f"got {list(noise.gumbel.shape)}")
+    gumbel = noise.gumbel.to(root.value.dtype)
+
+    tree = _init_tree(root, config)
+    root_candidates = _write_children(
+        tree, ROOT_INDEX, root.prior_logits, invalid_actions, gumbel[:, ROOT_INDEX], None, config
+    )
+    root_gumbel = None
+    if config.root_selection == "gumbel":
+        root_gumbel = config.gumbel_scale * gumbel[:, ROOT_INDEX].gather(1, root_candidates)  # [B, k]
+        num_considered = (tree.children_logits[:, ROOT_INDEX] > -math.inf).sum(-1)  # [B]
+        considered = considered_visit_table(config.num_sampled_actions, config.num_simulations, device)
+
+    for sim in range(config.num_simulations):
+        low, span = tree.min_q.unsqueeze(1), (tree.max_q - tree.min_q).clamp(min=EPSILON).unsqueeze(1)
+        if root_gumbel is None:
+            root_child = _puct_scores(tree, None, low, span, config).argmax(-1)
+        else:  # sequential halving: the best child among those with the scheduled visit count
+            scores = _gumbel_root_scores(tree, root_gumbel, config)
+            root_child = _argmax_considered(scores, considered[num_considered, sim])
+        selection = _select(tree, config, root_child, low, span)
+        new = sim + 1  # the node this simulation creates (unused if it ends at a max-depth node)
+        new_depth = _expand(tree, selection, new, recurrent_fn, invalid_actions, gumbel[:, new], config)
+        _backup(tree, selection, new, new_depth, config)
+
+    return _result(tree, config, root_gumbel)
+
+
+def _result(tree: Tree, config: MCTSConfig, root_gumbel: Tensor | None) -> SearchResult:
+    scores = _gumbel_root_scores(tree, root_gumbel if root_gumbel is not None else 0.0, config)
+    valid = tree.children_logits[:, ROOT_INDEX] > -math.inf
+    visits = scores.visits
+    if root_gumbel is None:  # pUCT: the most visited child, the visit distribution
+        chosen = visits.argmax(-1)
+        policy = visits / visits.sum(-1, keepdim=True).clamp(min=1)
+    else:  # Gumbel MuZero: the best survivor of sequential halving, softmax(logits + σ)
+        chosen = _argmax_considered(scores, visits.amax(-1))
+        policy = _masked_softmax(torch.where(valid, tree.children_logits[:, ROOT_INDEX] + scores.sigma, -math.inf))
+    children_actions = tree.children_actions[:, ROOT_INDEX]
+    return SearchResult(
+        action=children_actions.gather(1, chosen.view(-1, 1, 1).expand(-1, 1, N_DRUGS)).squeeze(1),
+        chosen=chosen,
+        children_actions=children_actions,
+        valid=valid,
+        visit_counts=visits.long(),
+        q_values=scores.completed_q,
+        root_value=tree.values[:, ROOT_INDEX],
+        policy=policy,
+        tree=tree,
+    )
+
+
+# -- the planner as the search's model ------------------------------------------------------------
+
+
+def planner_search_fns(
+    model: PlannerModel, history: Tensor, history_mask: Tensor, static: Tensor, max_depth: int | None = None
+) -> tuple[RootOutput, RecurrentFn]:
+    """Root inference and recurrent inference of the planner on B windows: history [B, L, F],
+    history_mask [B, L] bool, static [B, S] (as `PlannerModel.represent`), max_depth D (default
+    model.pre_len; the search's config.max_depth must not exceed it). Encodes the history, then
+    `planner_search_fns_from_memory`."""
+    with torch.no_grad():
+        memory, padding = model.represent(history, history_mask, static)
+    return planner_search_fns_from_memory(model, memory, padding, max_depth)
+
+
+def planner_search_fns_from_memory(
+    model: PlannerModel, memory: Tensor, memory_padding: Tensor, max_depth: int | None = None
+) -> tuple[RootOutput, RecurrentFn]:
+    """Root inference and recurrent inference of the planner from the encoded history
+    (`PlannerModel.represent`: memory [B, L+1, d], memory_padding [B, L+1] bool), e.g. the one a
+    training step has computed anyway (it is detached).
+
+    The dynamics is a causal transformer decoder over the action prefix, run here one token at a
+    time with a key/value cache (incremental decoding): a node's embedded state is the
+    self-attention keys and values of its prefix tokens in every decoder layer plus its depth,
+    state [B, n_layers · 2 · D · d + 1] float (the last entry is the depth, exact as a float).
+    recurrent_fn adds the token of the action at the node's depth, attends to the cached prefix
+    and to the encoded history (its keys and values projected once, here) and returns
+    s_{depth+1}: the same latent state as `model.unroll` on the prefix (up to rounding; tested).
+    Values and rewards are in units (`value_in_units`, `reward_in_units`). No gradients, no
+    dropout (the model as in eval mode).
+    """
+    depth_max = model.pre_len if max_depth is None else max_depth
+    if not 1 <= depth_max <= model.pre_len:
+        raise ValueError(f"max_depth must be in 1..pre_len ({model.pre_len}), got {depth_max}")
+    layers = model.dynamics.layers
+    if not all(layer.norm_first for layer in layers):  # the decoding below is that of norm_first layers
+        raise ValueError("planner_search_fns expects the dynamics' decoder layers to be norm_first")
+    d, heads = model.config.d_model, model.config.n_heads
+    head_dim = d // heads
+    scale = 1.0 / math.sqrt(head_dim)  # as nn.MultiheadAttention
+    b, keys = memory.shape[:2]
+    with torch.no_grad():
+        memory = memory.detach()
+        root_latent = memory[:, -1]
+        root_token = model.root_in(root_latent)  # [B, d]
+        # Cross-attention keys [B·h, d/h, L+1] and values [B·h, L+1, d/h] of the encoded history.
+        cross = []
+        for layer in layers:
+            attn = layer.multihead_attn
+            kv = F.linear(memory, attn.in_proj_weight[d:], attn.in_proj_bias[d:])  # [B, L+1, 2d]
+            k, v = kv.view(b, keys, 2, heads, head_dim).permute(2, 0, 3, 1, 4).reshape(2, b * heads, keys, head_dim)
+            cross.append((k.transpose(1, 2).contiguous(), v.contiguous()))
+        memory_mask = torch.zeros(b, heads, 1, keys, dtype=memory.dtype, device=memory.device)
+        memory_mask = memory_mask.masked_fill(memory_padding.view(b, 1, 1, keys), -math.inf).view(b * heads, 1, keys)
+        state_size = len(layers) * 2 * depth_max * d
+        root = RootOutput(
+            prior_logits=model.policy_logits(root_latent),
+            value=model.value_in_units(model.value(root_latent)),
+            state=memory.new_zeros(b, state_size + 1),
+        )
+    positions = torch.arange(depth_max, device=memory.device)
+
+    def recurrent_fn(state: Tensor, action: Tensor) -> RecurrentOutput:
+        with torch.no_grad():
+            rows = state.shape[0]
+            depth = state[:, -1].long()  # [B]
+            next_state = state.clone()  # the child's cache: the parent's plus this token's keys/values
+            cache = next_state[:, :-1].view(rows, len(layers), 2, depth_max, heads, head_dim)
+            action = action.long().clamp(0, RATE_MAX)
+            x = root_token + model.step.weight[depth]
+            x = x + sum(embed(action[:, j]) for j, embed in enumerate(model.action_embed))  # [B, d]
+            at = torch.arange(rows, device=state.device)
+            hidden = torch.zeros(rows, depth_max, 1, dtype=x.dtype, device=x.device)
+            hidden = hidden.masked_fill((positions > depth.unsqueeze(1)).unsqueeze(-1), -math.inf)  # [B, D, 1]
+            for i, layer in enumerate(layers):
+                # Causal self-attention: the new token against the cached prefix and itself.
+                attn = layer.self_attn
+                qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+                q, k, v = qkv.view(rows, 3, heads, head_dim).unbind(1)  # [B, h, d/h] each
+                cache[at, i, 0, depth] = k
+                cache[at, i, 1, depth] = v
+                weights = ((q.unsqueeze(1) * cache[:, i, 0]).sum(-1) * scale + hidden).softmax(1)  # [B, D, h]
+                out = (weights.unsqueeze(-1) * cache[:, i, 1]).sum(1)  # [B, h, d/h]
+                x = x + attn.out_proj(out.reshape(rows, d))
+                # Cross-attention to the encoded history.
+                attn = layer.multihead_attn
+                q = F.linear(layer.norm2(x), attn.in_proj_weight[:d], attn.in_proj_bias[:d])
+                q = q.view(rows * heads, 1, head_dim)
+                weights = torch.baddbmm(memory_mask, q, cross[i][0], alpha=scale).softmax(-1)  # [B·h, 1, L+1]
+                x = x + attn.out_proj(torch.bmm(weights, cross[i][1]).view(rows, d))
+                x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
+            latent = model.dynamics.norm(x)  # [B, d] s_{depth+1}
+            next_state[:, -1] += 1
+            return RecurrentOutput(
+                reward=model.reward_in_units(model.reward_head(latent).squeeze(-1)),
+                value=model.value_in_units(model.value(latent)),
+                prior_logits=model.policy_logits(latent),
+                state=next_state,
+            )
+
+    return root, recurrent_fn

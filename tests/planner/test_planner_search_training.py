@@ -1,0 +1,94 @@
+"""Stage 2 with the search (seed 000): the margin gates the MCTS target, the loss is
+λ_bc·BC + λ_mcts·mean(w·CE), presets resolve as the issue states, the activation rate is
+recorded with its alarm, and detach still keeps Stage 2 out of the environment model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dosewise.planner.config import SearchTrainingConfig
+from dosewise.planner.model import PlannerModel, PlannerStats
+from dosewise.planner.training import (
+    SearchTargets,
+    behaviour_cloning_loss,
+    one_step_q,
+    planner_losses,
+    search_targets,
+    stage2_loss,
+    train_planner,
+)
+from tests.planner.conftest import tiny_run
+
+
+@pytest.fixture()
+def model(tiny_windows) -> PlannerModel:
+    run = tiny_run()
+    model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
+    model.set_stats(PlannerStats.from_windows(tiny_windows["train"]))
+    return model
+
+
+def test_presets_are_the_issues_numbers():
+    expected = {
+        "conservative": (0.8, 0.2, 0.15, 30, True),
+        "balanced": (0.7, 0.3, 0.10, 50, True),
+        "aggressive": (0.5, 0.5, 0.05, 80, False),
+    }
+    for preset, numbers in expected.items():
+        config = SearchTrainingConfig(preset=preset)
+        fields = ("bc_weight", "mcts_weight", "margin", "num_simulations", "teacher_forcing")
+        assert tuple(config.resolved(name) for name in fields) == numbers
+    assert SearchTrainingConfig(preset="balanced", margin=0.3).resolved("margin") == 0.3
+    assert not SearchTrainingConfig().enabled
+
+
+def test_margin_gates_the_search_target(model, tiny_batch):
+    generator = torch.Generator().manual_seed(0)
+    loose = search_targets(model.eval(), tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6, margin=-1e9), 0.9, generator)
+    strict = search_targets(model, tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6, margin=1e9), 0.9, generator)
+    assert torch.all(loose.weight == 1) and torch.all(strict.weight == 0)
+    # The Q values are one model step of each action, as one_step_q computes them.
+    memory, padding = model.represent(tiny_batch["history"], tiny_batch["history_mask"], tiny_batch["static"])
+    q_mcts, q_expert = one_step_q(model, memory, padding, [loose.action, tiny_batch["actions"][:, 0]], 0.9)
+    torch.testing.assert_close(loose.q_mcts, q_mcts)
+    torch.testing.assert_close(loose.q_expert, q_expert)
+    balanced = search_targets(model, tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6), 0.9, generator)
+    torch.testing.assert_close(balanced.weight, (balanced.q_mcts > balanced.q_expert + 0.1).float())
+
+
+def test_stage2_loss_adds_the_weighted_cross_entropy(tiny_batch):
+    torch.manual_seed(1)
+    b, k = tiny_batch["actions"].shape[:2]
+    logits = torch.randn(b, k, 2, 201)
+    action = torch.randint(0, 201, (b, 2))
+    weight = (torch.arange(b) % 3 == 0).float()
+    targets = SearchTargets(action=action, weight=weight, q_mcts=torch.zeros(b), q_expert=torch.zeros(b))
+    config = SearchTrainingConfig(preset="conservative")
+    bc = behaviour_cloning_loss(logits, tiny_batch)
+    ce = torch.stack([F.cross_entropy(logits[i, 0], action[i], reduction="sum") for i in range(b)])
+    expected = 0.8 * bc + 0.2 * (weight * ce).sum() / b
+    torch.testing.assert_close(stage2_loss(logits, tiny_batch, config, targets), expected)
+    off = SearchTargets(action=action, weight=torch.zeros(b), q_mcts=torch.zeros(b), q_expert=torch.zeros(b))
+    torch.testing.assert_close(stage2_loss(logits, tiny_batch, config, off), 0.8 * bc)
+    torch.testing.assert_close(stage2_loss(logits, tiny_batch, SearchTrainingConfig(), targets), bc)
+
+
+def test_detach_keeps_the_search_term_out_of_the_environment_model(model, tiny_batch):
+    run = tiny_run("detach")
+    search = SearchTrainingConfig(preset="aggressive", num_simulations=4, margin=-1e9)
+    step = lambda batch, out: search_targets(model, batch, search, 0.9, torch.Generator().manual_seed(0), out.memory, out.memory_padding)
+    losses, _ = planner_losses(model, tiny_batch, run.strategy, search, step)
+    losses.policy.backward()
+    for param in model.parameter_groups()["env"]:
+        assert param.grad is None or torch.count_nonzero(param.grad) == 0
+
+
+def test_activation_rate_is_recorded_and_alarms(tiny_windows, tmp_path):
+    always = SearchTrainingConfig(preset="aggressive", num_simulations=4, margin=-1e9)
+    run = tiny_run("joint", epochs=2).model_copy(update={"search": always})
+    summary = train_planner(run, tiny_windows["train"], tiny_windows["val"], tmp_path).summary
+    assert [entry["rate"] for entry in summary["search"]["activation"]] == [1.0, 1.0]
+    assert [alarm["epoch"] for alarm in summary["search"]["activation_alarms"]] == [0, 1]
+    assert summary["stage2_rollout"] == "policy"  # aggressive: no teacher forcing
