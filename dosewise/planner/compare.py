@@ -55,8 +55,8 @@ def strategy_configs(config_dir: str | Path, strategies: tuple[str, ...] = STRAT
     return runs
 
 
-def _train_one(name: str, run_json: str, data: str, out: str) -> dict[str, Any]:
-    """Worker: one strategy, one thread; returns its summary."""
+def train_one(name: str, run_json: str, data: str, out: str) -> dict[str, Any]:
+    """One training run in a worker process, one thread; returns its summary (JSON-able)."""
     import torch
 
     from dosewise.planner.run import train_planner_from_file
@@ -92,7 +92,7 @@ def compare_strategies(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(runs))), mp_context=context) as pool:
         futures = {
-            pool.submit(_train_one, name, run.model_dump_json(), str(Path(data).resolve()), str(out / name)): name
+            pool.submit(train_one, name, run.model_dump_json(), str(Path(data).resolve()), str(out / name)): name
             for name, run in runs.items()
         }
         for future in as_completed(futures):

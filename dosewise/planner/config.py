@@ -194,6 +194,20 @@ class ClosedLoopConfig(BaseModel):
     cases: int = Field(50, ge=0)
     # Seed of the held-out cohort; keep it apart from the training data's.
     seed: int = 2000
+    # Planning modes run closed loop: argmax of the policy heads, RL-DITR's beam search over the
+    # learned model, the batched MCTS (50 simulations).
+    modes: tuple[Literal["argmax", "beam", "mcts"], ...] = ("argmax",)
+    # Dose limits of every mode, mL/h (propofol 20 mg/mL, remifentanil 20 µg/mL): the highest
+    # rate each drug may be set to.
+    max_rate: tuple[int, int] = (200, 200)
+
+    @model_validator(mode="after")
+    def _check(self) -> ClosedLoopConfig:
+        if not self.modes:
+            raise ValueError("closed_loop.modes must name at least one of argmax, beam, mcts")
+        if not all(0 <= rate <= 200 for rate in self.max_rate):
+            raise ValueError(f"closed_loop.max_rate must be two rates in 0..200 mL/h, got {self.max_rate}")
+        return self
 
 
 class PlannerRunConfig(BaseModel):

@@ -105,6 +105,24 @@ class PlannerPolicy:
         return levels[:, 0].astype(np.int64), levels[:, 1].astype(np.int64)
 
 
+def planning_modes(run) -> dict[str, Callable[[PlannerModel], PlannerPolicy]]:
+    """Policy factories `planner_<mode>` for the modes and dose limits of `run.closed_loop`
+    (a `PlannerRunConfig`); searches discount with the run's γ and plan at most pre_len steps."""
+    from dosewise.planner.mcts import MCTSConfig
+
+    loop, gamma = run.closed_loop, run.windows.gamma
+    common = {"max_rate": loop.max_rate, "induction_s": run.windows.induction_s}
+    settings = {
+        "argmax": {},
+        "beam": {"beam": BeamConfig(gamma=gamma, depth=min(BeamConfig().depth, run.windows.pre_len))},
+        "mcts": {"mcts": MCTSConfig(gamma=gamma, max_depth=run.windows.pre_len)},
+    }
+    return {
+        f"planner_{mode}": (lambda model, mode=mode: PlannerPolicy(model, mode, **settings[mode], **common))
+        for mode in loop.modes
+    }
+
+
 def closed_loop_comparison(
     model: PlannerModel,
     n_cases: int,

@@ -48,9 +48,12 @@ def train_planner_from_file(
     )
     result = train_planner(run, train, val, out, show_progress=show_progress)
     if run.closed_loop.cases:
-        from dosewise.planner.policy import closed_loop_comparison
+        from dosewise.planner.policy import closed_loop_comparison, planning_modes
 
-        echo(f"closed loop: planner (argmax) and simulated anesthesiologist on {run.closed_loop.cases} held-out cases")
-        result.summary["closed_loop"] = closed_loop_comparison(result.model, run.closed_loop.cases, run.closed_loop.seed)
+        loop = run.closed_loop
+        echo(f"closed loop: planner ({', '.join(loop.modes)}) and simulated anesthesiologist on {loop.cases} held-out cases")
+        result.summary["closed_loop"] = closed_loop_comparison(
+            result.model, loop.cases, loop.seed, modes=planning_modes(run), induction_s=run.windows.induction_s
+        )
         (Path(out) / "summary.json").write_text(json.dumps(result.summary, indent=2))
     return result

@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -61,9 +62,23 @@ def test_planner_policy_returns_rates(tiny_frame, tiny_windows):
     assert (ppf[0], rftn[0]) == tuple(expected[0].tolist())
 
 
+@pytest.mark.parametrize("mode", ["argmax", "beam", "mcts"])
+def test_every_planning_mode_keeps_the_dose_limits(tiny_frame, tiny_windows, mode):
+    run = tiny_run()
+    model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
+    with torch.no_grad():  # a policy head that prefers the highest rates
+        model.policy_head[-1].bias.view(2, -1)[:, 150:] += 50.0
+    history = case_history(tiny_frame, tiny_windows["train"].case_ids[0], 6)
+    free = PlannerPolicy(model, mode)(history)
+    assert free[0][0] >= 150 and free[1][0] >= 150
+    ppf, rftn = PlannerPolicy(model, mode, max_rate=(40, 12), min_rate=(5, 0))(history)
+    assert 5 <= ppf[0] <= 40 and 0 <= rftn[0] <= 12
+
+
 def test_train_planner_command(tiny_cases_file, tmp_path):
     config = tmp_path / "planner.yaml"
-    save_config(tiny_run("warmup", warmup_epochs=1).model_copy(update={"closed_loop": ClosedLoopConfig(cases=2, seed=7)}), config)
+    loop = ClosedLoopConfig(cases=2, seed=7, modes=("argmax", "beam", "mcts"), max_rate=(120, 60))
+    save_config(tiny_run("warmup", warmup_epochs=1).model_copy(update={"closed_loop": loop}), config)
     out = tmp_path / "run"
     result = CliRunner().invoke(
         app, ["train", "planner", "--config", str(config), "--data", str(tiny_cases_file), "--out", str(out), "--epochs", "2", "--quiet"]
@@ -74,7 +89,7 @@ def test_train_planner_command(tiny_cases_file, tmp_path):
     assert {"val_bis_mae", "val_map_mae", "val_reward_mae", "val_value_mae"} <= set(summary["final"])
     assert isinstance(summary["alarms"], list)
     policies = summary["closed_loop"]["policies"]
-    assert set(policies) == {"planner_argmax", "simulated_anesthesiologist"}
+    assert set(policies) == {"planner_argmax", "planner_beam", "planner_mcts", "simulated_anesthesiologist"}
     assert "pct_bis_40_60" in policies["planner_argmax"]
     for name in ("model.pt", "config.yaml", "checkpoints/last.ckpt", "csv/metrics.csv"):
         assert (out / name).is_file(), name

@@ -150,6 +150,9 @@ def test_shipped_configs_load_with_their_strategy():
     for strategy in STRATEGIES:
         run = load_config(f"configs/planner_{strategy}.yaml", PlannerRunConfig)
         assert run.strategy.name == strategy
+    search = load_config("configs/planner_warmup_mcts.yaml", PlannerRunConfig)
+    assert search.strategy.name == "warmup" and search.search.preset == "balanced"
+    assert search.closed_loop.modes == ("argmax", "beam", "mcts")
 
 
 def test_value_targets_equal_the_returns_of_later_windows(tiny_windows):

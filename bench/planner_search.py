@@ -1,0 +1,144 @@
+"""Closed loop of the planner with and without search (issue 5): BC only vs BC + MCTS targets under
+each preset (conservative, balanced, aggressive), and planning at inference (argmax, RL-DITR beam
+search, MCTS) — all on the same held-out simulated patients next to the simulated anesthesiologist.
+
+Every model trains on the same data, split, model size, seed and budget (configs/planner_warmup.yaml
+with a shorter schedule: 12 epochs of 6,400 windows, env-only warm-up 4), in parallel processes of
+one thread each. Prints a table and writes JSON.
+
+    dosewise simulate anesthesia --out cases.parquet
+    python bench/planner_search.py --data cases.parquet [--quick] [--jobs 2] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from dosewise.config import load_config
+from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
+from dosewise.planner.beam_search import BeamConfig
+from dosewise.planner.compare import train_one
+from dosewise.planner.config import (
+    ClosedLoopConfig,
+    PlannerRunConfig,
+    PlannerTrainConfig,
+    SearchTrainingConfig,
+    StrategyConfig,
+)
+from dosewise.planner.mcts import MCTSConfig
+from dosewise.planner.policy import PlannerPolicy
+from dosewise.planner.training import load_planner
+from dosewise.sim.anesthesia_cases import CaseSpec
+from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
+
+PRESETS = ("off", "conservative", "balanced", "aggressive")
+OUTCOMES = (
+    ("pct_bis_40_60", "BIS 40-60 %"),
+    ("pct_map_below_65", "MAP<65 %"),
+    ("bis_nadir", "BIS nadir"),
+    ("propofol_mg_kg_h", "propofol mg/kg/h"),
+)
+
+
+def runs(quick: bool) -> dict[str, PlannerRunConfig]:
+    base = load_config("configs/planner_warmup.yaml", PlannerRunConfig)
+    train = PlannerTrainConfig(
+        **{**base.train.model_dump(), "epochs": 2 if quick else 12, "windows_per_epoch": 640 if quick else 6400,
+           "max_val_windows": 512 if quick else 4000}
+    )
+    strategy = StrategyConfig(**{**base.strategy.model_dump(), "warmup_epochs": 1 if quick else 4})
+    common = {"train": train, "strategy": strategy, "closed_loop": ClosedLoopConfig(cases=0)}
+    return {
+        ("bc" if preset == "off" else preset): base.model_copy(update={**common, "search": SearchTrainingConfig(preset=preset)})
+        for preset in PRESETS
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="cases from `dosewise simulate anesthesia`")
+    parser.add_argument("--out", type=Path, default=Path("runs/planner_search"))
+    parser.add_argument("--json", type=Path, default=Path("bench/results/planner_search.json"))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--cases", type=int, default=50, help="held-out simulated cases")
+    parser.add_argument("--quick", action="store_true", help="2 epochs, 6 cases: a smoke run")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cases = 6 if args.quick else args.cases
+    started = time.perf_counter()
+
+    configs = runs(args.quick)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        futures = {
+            name: pool.submit(train_one, name, run.model_dump_json(), str(args.data.resolve()), str(args.out / name))
+            for name, run in configs.items()
+        }
+        summaries = {name: future.result() for name, future in futures.items()}
+    train_s = time.perf_counter() - started
+    models = {name: load_planner(args.out / name)[0] for name in configs}
+    pre_len = models["bc"].pre_len
+
+    spec = CaseSpec()
+    mcts = MCTSConfig(num_simulations=50, gamma=configs["bc"].windows.gamma, max_depth=pre_len)
+    beam = BeamConfig(beam_width=4, top_k=4, depth=3, gamma=configs["bc"].windows.gamma)
+    policies = {
+        "bc_argmax": lambda cohort: PlannerPolicy(models["bc"], "argmax"),
+        "bc_beam": lambda cohort: PlannerPolicy(models["bc"], "beam", beam=beam),
+        "bc_mcts": lambda cohort: PlannerPolicy(models["bc"], "mcts", mcts=mcts),
+        **{f"{p}_argmax": (lambda cohort, p=p: PlannerPolicy(models[p], "argmax")) for p in PRESETS[1:]},
+        "simulated_anesthesiologist": lambda cohort: SimulatedAnesthesiologist(cohort, 2001, step_s=spec.step_s),
+    }
+    loop_started = time.perf_counter()
+    closed = evaluate_policies(policies, n_cases=cases, seed=2000, spec=spec)
+    loop_s = time.perf_counter() - loop_started
+
+    table = []
+    for name, outcome in closed["policies"].items():
+        trained = name.rsplit("_", 1)[0] if name != "simulated_anesthesiologist" else None
+        search = summaries[trained]["search"] if trained in summaries else {}
+        activation = search.get("activation") or []
+        table.append({
+            "policy": name,
+            **{key: outcome[key] for key, _ in OUTCOMES},
+            "activation_rate_last_epoch": activation[-1]["rate"] if activation else None,
+            "activation_alarms": len(search.get("activation_alarms", [])),
+            "epoch_time_s": summaries[trained]["epoch_time_s"] if trained in summaries else None,
+        })
+    result = {
+        "quick": args.quick,
+        "data": str(args.data),
+        "cases": cases,
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread per job, {args.jobs} jobs",
+        "train_wall_s": train_s,
+        "closed_loop_wall_s": loop_s,
+        "mcts": mcts.model_dump(),
+        "beam": beam.model_dump(),
+        "rows": table,
+        "summaries": {name: {k: v for k, v in s.items() if k != "history"} for name, s in summaries.items()},
+    }
+    header = f"{'policy':<28}" + "".join(f"{label:>24}" for _, label in OUTCOMES) + f"{'MCTS activation':>17}"
+    print(f"closed loop on {cases} held-out simulated cases (seed 2000): mean [95 % CI]")
+    print(header)
+    for row in table:
+        cells = "".join(
+            f"{row[key]['mean']:>9.1f} [{row[key]['ci95'][0]:5.1f}, {row[key]['ci95'][1]:5.1f}]" for key, _ in OUTCOMES
+        )
+        rate = row["activation_rate_last_epoch"]
+        print(f"{row['policy']:<28}{cells}{'' if rate is None else f'{100 * rate:>16.1f}%'}")
+    print(f"training {train_s / 60:.1f} min, closed loop {loop_s / 60:.1f} min")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
