@@ -19,6 +19,7 @@ from dosewise.planner.config import (
     StrategyConfig,
 )
 from dosewise.planner.data import window_tensors
+from dosewise.planner.model import PlannerModel, PlannerStats
 from dosewise.sim.anesthesia_cases import CaseSpec
 from dosewise.sim.anesthesia_clinician import simulate_cases
 
@@ -62,6 +63,15 @@ def tiny_windows(tiny_frame) -> dict[str, Windows]:
 def tiny_batch(tiny_windows):
     keep = np.arange(min(32, len(tiny_windows["train"])))
     return window_tensors(tiny_windows["train"].select(keep), TINY_WINDOWS.gamma)
+
+
+@pytest.fixture()
+def tiny_model(tiny_windows) -> PlannerModel:
+    """The tiny run's model, untrained, with the training windows' statistics (eval mode)."""
+    run = tiny_run()
+    model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
+    model.set_stats(PlannerStats.from_windows(tiny_windows["train"]))
+    return model.eval()
 
 
 @pytest.fixture(autouse=True)

@@ -13,16 +13,6 @@ from dosewise.planner.beam_search import (
     masked_log_policy,
     top_joint_actions,
 )
-from dosewise.planner.model import PlannerModel, PlannerStats
-from tests.planner.conftest import tiny_run
-
-
-@pytest.fixture()
-def model(tiny_windows) -> PlannerModel:
-    run = tiny_run()
-    model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
-    model.set_stats(PlannerStats.from_windows(tiny_windows["train"]))
-    return model.eval()
 
 
 def inputs(batch, rows: int = 4):
@@ -62,34 +52,34 @@ def exhaustive_best(model, history, mask, static, config, allowed):
     return torch.tensor(best_plans), torch.tensor(best_scores)
 
 
-def test_unpruned_beam_equals_exhaustive_search(model, tiny_batch):
+def test_unpruned_beam_equals_exhaustive_search(tiny_model, tiny_batch):
     config = BeamConfig(beam_width=9, top_k=3, depth=2, gamma=0.8)  # 3^2 = 9 sequences: nothing pruned
     allowed = dose_mask(4, max_rate=(120, 40))
-    result = beam_search(model, *inputs(tiny_batch), config, allowed)
-    plans, scores = exhaustive_best(model, *inputs(tiny_batch), config, allowed)
+    result = beam_search(tiny_model, *inputs(tiny_batch), config, allowed)
+    plans, scores = exhaustive_best(tiny_model, *inputs(tiny_batch), config, allowed)
     assert torch.equal(result.plan, plans)
     torch.testing.assert_close(result.score, scores.float(), rtol=1e-4, atol=1e-4)
     assert torch.equal(result.action, plans[:, 0])
 
 
-def test_depth_one_top_one_is_the_masked_argmax(model, tiny_batch):
+def test_depth_one_top_one_is_the_masked_argmax(tiny_model, tiny_batch):
     allowed = dose_mask(4, max_rate=(30, 10), min_rate=(5, 0))
-    result = beam_search(model, *inputs(tiny_batch), BeamConfig(beam_width=1, top_k=1, depth=1), allowed)
-    memory, _ = model.represent(*inputs(tiny_batch))
-    assert torch.equal(result.action, masked_log_policy(model, memory[:, -1], allowed).argmax(-1))
+    result = beam_search(tiny_model, *inputs(tiny_batch), BeamConfig(beam_width=1, top_k=1, depth=1), allowed)
+    memory, _ = tiny_model.represent(*inputs(tiny_batch))
+    assert torch.equal(result.action, masked_log_policy(tiny_model, memory[:, -1], allowed).argmax(-1))
 
 
 @pytest.mark.parametrize("limits", [((10, 5), (0, 0)), ((200, 200), (150, 100)), ((7, 7), (7, 7))])
-def test_dose_limits_hold_at_every_depth(model, tiny_batch, limits):
+def test_dose_limits_hold_at_every_depth(tiny_model, tiny_batch, limits):
     (max_rate, min_rate) = limits
     allowed = dose_mask(4, max_rate=max_rate, min_rate=min_rate)
-    plan = beam_search(model, *inputs(tiny_batch), BeamConfig(beam_width=3, top_k=4, depth=3), allowed).plan
+    plan = beam_search(tiny_model, *inputs(tiny_batch), BeamConfig(beam_width=3, top_k=4, depth=3), allowed).plan
     for drug in range(2):
         assert (plan[..., drug] <= max_rate[drug]).all() and (plan[..., drug] >= min_rate[drug]).all()
 
 
-def test_bad_limits_and_depth_are_refused(model, tiny_batch):
+def test_bad_limits_and_depth_are_refused(tiny_model, tiny_batch):
     with pytest.raises(ValueError, match="min <= max"):
         dose_mask(1, max_rate=(10, 200), min_rate=(20, 0))
     with pytest.raises(ValueError, match="pre_len"):
-        beam_search(model, *inputs(tiny_batch), BeamConfig(depth=model.pre_len + 1))
+        beam_search(tiny_model, *inputs(tiny_batch), BeamConfig(depth=tiny_model.pre_len + 1))

@@ -4,12 +4,10 @@ recorded with its alarm, and detach still keeps Stage 2 out of the environment m
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from dosewise.planner.config import SearchTrainingConfig
-from dosewise.planner.model import PlannerModel, PlannerStats
 from dosewise.planner.training import (
     SearchTargets,
     behaviour_cloning_loss,
@@ -20,14 +18,6 @@ from dosewise.planner.training import (
     train_planner,
 )
 from tests.planner.conftest import tiny_run
-
-
-@pytest.fixture()
-def model(tiny_windows) -> PlannerModel:
-    run = tiny_run()
-    model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
-    model.set_stats(PlannerStats.from_windows(tiny_windows["train"]))
-    return model
 
 
 def test_presets_are_the_issues_numbers():
@@ -44,17 +34,17 @@ def test_presets_are_the_issues_numbers():
     assert not SearchTrainingConfig().enabled
 
 
-def test_margin_gates_the_search_target(model, tiny_batch):
+def test_margin_gates_the_search_target(tiny_model, tiny_batch):
     generator = torch.Generator().manual_seed(0)
-    loose = search_targets(model.eval(), tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6, margin=-1e9), 0.9, generator)
-    strict = search_targets(model, tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6, margin=1e9), 0.9, generator)
+    loose = search_targets(tiny_model, tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6, margin=-1e9), 0.9, generator)
+    strict = search_targets(tiny_model, tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6, margin=1e9), 0.9, generator)
     assert torch.all(loose.weight == 1) and torch.all(strict.weight == 0)
     # The Q values are one model step of each action, as one_step_q computes them.
-    memory, padding = model.represent(tiny_batch["history"], tiny_batch["history_mask"], tiny_batch["static"])
-    q_mcts, q_expert = one_step_q(model, memory, padding, [loose.action, tiny_batch["actions"][:, 0]], 0.9)
+    memory, padding = tiny_model.represent(tiny_batch["history"], tiny_batch["history_mask"], tiny_batch["static"])
+    q_mcts, q_expert = one_step_q(tiny_model, memory, padding, [loose.action, tiny_batch["actions"][:, 0]], 0.9)
     torch.testing.assert_close(loose.q_mcts, q_mcts)
     torch.testing.assert_close(loose.q_expert, q_expert)
-    balanced = search_targets(model, tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6), 0.9, generator)
+    balanced = search_targets(tiny_model, tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6), 0.9, generator)
     torch.testing.assert_close(balanced.weight, (balanced.q_mcts > balanced.q_expert + 0.1).float())
 
 
@@ -75,13 +65,13 @@ def test_stage2_loss_adds_the_weighted_cross_entropy(tiny_batch):
     torch.testing.assert_close(stage2_loss(logits, tiny_batch, SearchTrainingConfig(), targets), bc)
 
 
-def test_detach_keeps_the_search_term_out_of_the_environment_model(model, tiny_batch):
+def test_detach_keeps_the_search_term_out_of_the_environment_model(tiny_model, tiny_batch):
     run = tiny_run("detach")
     search = SearchTrainingConfig(preset="aggressive", num_simulations=4, margin=-1e9)
-    step = lambda batch, out: search_targets(model, batch, search, 0.9, torch.Generator().manual_seed(0), out.memory, out.memory_padding)
-    losses, _ = planner_losses(model, tiny_batch, run.strategy, search, step)
+    step = lambda batch, out: search_targets(tiny_model, batch, search, 0.9, torch.Generator().manual_seed(0), out.memory, out.memory_padding)
+    losses, _ = planner_losses(tiny_model, tiny_batch, run.strategy, search, step)
     losses.policy.backward()
-    for param in model.parameter_groups()["env"]:
+    for param in tiny_model.parameter_groups()["env"]:
         assert param.grad is None or torch.count_nonzero(param.grad) == 0
 
 
