@@ -236,6 +236,24 @@ def train_planner_command(
     )
     for alarm in result.summary["alarms"]:
         console.print(f"[bold yellow]rebound alarm:[/] {alarm['metric']} {alarm['value']:.3g} at epoch {alarm['epoch']} (best {alarm['best']:.3g} at epoch {alarm['best_epoch']})")
+    search = result.summary["search"]
+    if search["activation"]:
+        rates = ", ".join(f"{100 * entry['rate']:.0f}" for entry in search["activation"])
+        console.print(f"MCTS activation rate per epoch (%): {rates}")
+    for alarm in search["activation_alarms"]:
+        console.print(f"[bold yellow]MCTS activation alarm:[/] {100 * alarm['rate']:.1f} % at epoch {alarm['epoch']} (healthy {100 * alarm['low']:.0f}-{100 * alarm['high']:.0f} %)")
+    if "closed_loop" in result.summary:
+        loop = result.summary["closed_loop"]
+        table = Table(title=f"closed loop on {loop['cases']} held-out simulated cases (seed {loop['seed']}): mean [95 % CI]", box=box.SIMPLE_HEAD)
+        table.add_column("policy")
+        for column in ("BIS 40-60 %", "MAP < 65 %", "BIS nadir"):
+            table.add_column(column, no_wrap=True)  # headers short, numbers never wrap
+        for name, outcome in loop["policies"].items():
+            table.add_row(name.replace("simulated_anesthesiologist", "clinician (sim.)"), *(
+                f"{outcome[key]['mean']:.1f} [{outcome[key]['ci95'][0]:.1f}, {outcome[key]['ci95'][1]:.1f}]"
+                for key in ("pct_bis_40_60", "pct_map_below_65", "bis_nadir")
+            ))
+        console.print(table)
     console.print(f"summary: {out / 'summary.json'}; TensorBoard: tensorboard --logdir {out / 'tb'}")
 
 

@@ -84,6 +84,7 @@ def test_train_planner_command(tiny_cases_file, tmp_path):
         app, ["train", "planner", "--config", str(config), "--data", str(tiny_cases_file), "--out", str(out), "--epochs", "2", "--quiet"]
     )
     assert result.exit_code == 0, result.output
+    assert "planner_mcts" in result.output and "clinician (sim.)" in result.output  # the closed-loop table
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["strategy"] == "warmup"
     assert {"val_bis_mae", "val_map_mae", "val_reward_mae", "val_value_mae"} <= set(summary["final"])
