@@ -7,7 +7,8 @@ with a shorter schedule: 12 epochs of 6,400 windows, env-only warm-up 4), in par
 one thread each. Prints a table and writes JSON.
 
     dosewise simulate anesthesia --out cases.parquet
-    python bench/planner_search.py --data cases.parquet [--quick] [--jobs 2] [--json OUT]
+    python bench/planner_search.py --data cases.parquet [--quick] [--jobs 2] [--json OUT] [--figure PNG]
+    python bench/planner_search.py --plot bench/results/planner_search.json --figure docs/figures/planner_search.png
 """
 
 from __future__ import annotations
@@ -62,15 +63,46 @@ def runs(quick: bool) -> dict[str, PlannerRunConfig]:
     }
 
 
+def plot(result: dict, path: Path) -> None:
+    """Time in BIS 40-60 and under MAP 65 per policy, with the 95 % intervals over patients."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = [row["policy"].replace("simulated_anesthesiologist", "simulated clinician").replace("_", " ") for row in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True, constrained_layout=True)
+    for ax, (key, label) in zip(axes, OUTCOMES[:2]):
+        means = [row[key]["mean"] for row in rows]
+        errors = [[m - row[key]["ci95"][0] for m, row in zip(means, rows)], [row[key]["ci95"][1] - m for m, row in zip(means, rows)]]
+        colors = ["tab:gray" if "simulated" in n else "tab:blue" if n.startswith("bc ") else "tab:orange" for n in names]
+        ax.barh(names, means, xerr=errors, color=colors, capsize=3)
+        ax.set_xlabel(f"{label} (mean over {result['cases']} held-out cases, 95 % CI)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()  # shared y axis: once, the table's order top to bottom
+    axes[0].set_title("BIS in 40-60 during maintenance (higher is better)")
+    axes[1].set_title("time with MAP < 65 mmHg (lower is better)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="cases from `dosewise simulate anesthesia`")
+    parser.add_argument("--plot", type=Path, help="only draw the figure of an earlier run's JSON")
+    parser.add_argument("--figure", type=Path, help="also write a PNG of the closed-loop table")
+    parser.add_argument("--data", type=Path, help="cases from `dosewise simulate anesthesia`")
     parser.add_argument("--out", type=Path, default=Path("runs/planner_search"))
     parser.add_argument("--json", type=Path, default=Path("bench/results/planner_search.json"))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cases", type=int, default=50, help="held-out simulated cases")
     parser.add_argument("--quick", action="store_true", help="2 epochs, 6 cases: a smoke run")
     args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(args.plot.read_text()), args.figure or args.plot.with_suffix(".png"))
+        return
+    if args.data is None:
+        parser.error("--data is required (or --plot JSON)")
     torch.set_num_threads(1)
     cases = 6 if args.quick else args.cases
     started = time.perf_counter()
@@ -138,6 +170,9 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
+    if args.figure:
+        plot(result, args.figure)
+        print(f"wrote {args.figure}")
 
 
 if __name__ == "__main__":
