@@ -265,11 +265,12 @@ def compare_strategies_command(
     config_dir: Annotated[Path, typer.Option(help="Directory with planner_<strategy>.yaml for the five strategies.")] = Path("configs"),
     epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs of every strategy.")] = None,
     jobs: Annotated[int, typer.Option(min=1, help="Strategies trained at once, one CPU thread each.")] = 2,
+    seed: Annotated[int | None, typer.Option(help="Override train.seed of every strategy (initialisation, minibatches).")] = None,
 ) -> None:
     """Train joint, warmup, weighted, detach and alternating on the same data and seed; table + figure."""
     from dosewise.planner.compare import compare_strategies
 
-    result = compare_strategies(data, out, config_dir, epochs=epochs, jobs=jobs, echo=console.print)
+    result = compare_strategies(data, out, config_dir, epochs=epochs, jobs=jobs, echo=console.print, seed=seed)
     table = Table(title=f"planner strategies on {data} ({result['wall_time_s'] / 60:.1f} min)", box=box.SIMPLE_HEAD)
     for column in ("strategy", "BIS MAE", "MAP MAE", "reward MAE", "value MAE", "action MAE ppf/rftn", "alarms", "BIS 40-60 %", "MAP<65 %"):
         table.add_column(column)

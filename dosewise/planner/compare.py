@@ -76,15 +76,18 @@ def compare_strategies(
     jobs: int = 2,
     strategies: tuple[str, ...] = STRATEGIES,
     echo: Callable[[str], Any] = print,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Train every strategy on `data` (same split, model and seed), then write into `out`:
-    <strategy>/ run directories, comparison.json, comparison.md and env_metrics.png."""
+    <strategy>/ run directories, comparison.json, comparison.md and env_metrics.png.
+    `epochs` and `seed` override train.epochs and train.seed of every strategy."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = strategy_configs(config_dir, strategies)
-    if epochs is not None:
+    overrides = {key: value for key, value in (("epochs", epochs), ("seed", seed)) if value is not None}
+    if overrides:
         runs = {
-            name: run.model_copy(update={"train": PlannerTrainConfig(**{**run.train.model_dump(), "epochs": epochs})})
+            name: run.model_copy(update={"train": PlannerTrainConfig(**{**run.train.model_dump(), **overrides})})
             for name, run in runs.items()
         }
     started = time.perf_counter()
