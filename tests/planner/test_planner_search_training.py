@@ -75,6 +75,13 @@ def test_detach_keeps_the_search_term_out_of_the_environment_model(tiny_model, t
         assert param.grad is None or torch.count_nonzero(param.grad) == 0
 
 
+def test_alternating_searches_in_its_policy_pass(tiny_windows, tmp_path):
+    search = SearchTrainingConfig(preset="conservative", num_simulations=4, margin=-1e9)
+    run = tiny_run("alternating", epochs=1).model_copy(update={"search": search})
+    summary = train_planner(run, tiny_windows["train"], tiny_windows["val"], tmp_path).summary
+    assert [entry["rate"] for entry in summary["search"]["activation"]] == [1.0]
+
+
 def test_activation_rate_is_recorded_and_alarms(tiny_windows, tmp_path):
     always = SearchTrainingConfig(preset="aggressive", num_simulations=4, margin=-1e9)
     run = tiny_run("joint", epochs=2).model_copy(update={"search": always})
