@@ -59,7 +59,7 @@ class IQLConfig(BaseModel):
     log_std_max: float = 2.0
 
     @model_validator(mode="after")
-    def _check_log_std_bounds(self) -> "IQLConfig":
+    def _check_log_std_bounds(self) -> IQLConfig:
         if self.log_std_min >= self.log_std_max:
             raise ValueError(f"log_std_min ({self.log_std_min}) must be below log_std_max ({self.log_std_max})")
         return self

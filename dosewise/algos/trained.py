@@ -43,7 +43,7 @@ class TrainedIQL:
         self.nets.eval()
 
     @classmethod
-    def load(cls, run_or_model: str | Path) -> "TrainedIQL":
+    def load(cls, run_or_model: str | Path) -> TrainedIQL:
         """Load ``DIR/model.pt`` (given a run directory) or a model file."""
         path = Path(run_or_model)
         if path.is_dir():

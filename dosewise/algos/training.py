@@ -22,7 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from dosewise.algos.iql import IQL, Batch, IQLConfig
 from dosewise.checkpoint import CheckpointError, load_safe, save_atomic
@@ -49,7 +56,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def data_tensors(transitions: Transitions, normalizer: Normalizer) -> Batch:
     """The whole dataset as one Batch of tensors [N, ...], states normalised."""
-    as_t = lambda x: torch.tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731  (copies)
+    as_t = lambda x: torch.tensor(np.asarray(x), dtype=torch.float32)
     return Batch(
         obs=as_t(normalizer.normalize(transitions.observations)),
         action=as_t(transitions.actions),
@@ -174,7 +181,9 @@ def train_iql(
             raise TrainingError(f"{ckpt} is at step {start}, past the requested {tc.steps} steps")
     save_config(run, out_dir / "config.yaml")  # only once the run is sure to start
 
-    from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+    from torch.utils.tensorboard import (
+        SummaryWriter,  # imported late: it is slow to import
+    )
 
     writer = SummaryWriter(str(out_dir / "tb"), purge_step=start + 1 if start else None)
     threads_before = torch.get_num_threads()

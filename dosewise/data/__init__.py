@@ -2,7 +2,12 @@
 
 from dosewise.data.loading import DataError, DataReport, load_table, observed_reward
 from dosewise.data.schema import FEATURES, DataConfig
-from dosewise.data.transitions import Normalizer, Transitions, build_transitions, load_transitions
+from dosewise.data.transitions import (
+    Normalizer,
+    Transitions,
+    build_transitions,
+    load_transitions,
+)
 
 __all__ = [
     "FEATURES",

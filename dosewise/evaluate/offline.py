@@ -27,7 +27,7 @@ def offline_statistics(model: TrainedIQL, transitions: Transitions) -> dict:
     v = model.value(obs)
     q_curve = model.q_curve(obs)
     policy_q = model.q_value(obs, model.policy_action(obs))
-    stats = lambda x: {"mean": float(np.mean(x)), "std": float(np.std(x))}  # noqa: E731
+    stats = lambda x: {"mean": float(np.mean(x)), "std": float(np.std(x))}
     return {
         "num_transitions": int(transitions.n),
         "q_stats": stats(q),

@@ -15,15 +15,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from dosewise.algos.trained import TrainedIQL  # noqa: E402
-from dosewise.checkpoint import CheckpointError  # noqa: E402
-from dosewise.data.loading import DataError, load_table  # noqa: E402
-from dosewise.data.transitions import Transitions, build_transitions  # noqa: E402
-from dosewise.sim.vancomycin import DECISION_HOURS, rollout, sample_cohort  # noqa: E402
-from dosewise.sim.vancomycin_clinician import VancomycinClinician  # noqa: E402
+from dosewise.algos.trained import TrainedIQL
+from dosewise.checkpoint import CheckpointError
+from dosewise.data.loading import DataError, load_table
+from dosewise.data.transitions import Transitions, build_transitions
+from dosewise.sim.vancomycin import DECISION_HOURS, rollout, sample_cohort
+from dosewise.sim.vancomycin_clinician import VancomycinClinician
 
 PATIENT_CURVES = 10  # patients in the Q-curve figure
 TRAJECTORY_PATIENTS = 4  # held-out patients whose courses are drawn under both policies

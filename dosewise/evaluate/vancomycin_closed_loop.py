@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from dosewise.evaluate.stats import bootstrap_ci, bootstrap_indices
-from dosewise.sim.vancomycin import AUC_TARGET, DECISION_HOURS, Policy, Trajectories, VancomycinConfig, rollout, sample_cohort
+from dosewise.sim.vancomycin import (
+    AUC_TARGET,
+    DECISION_HOURS,
+    Policy,
+    Trajectories,
+    VancomycinConfig,
+    rollout,
+    sample_cohort,
+)
 from dosewise.sim.vancomycin_clinician import VancomycinClinician
 
 STEPS_PER_DAY = 24 // DECISION_HOURS
@@ -30,7 +38,7 @@ class PatientOutcomes:
     days_in_target: np.ndarray  # of those, days with AUC24 in 400-600
 
     @classmethod
-    def from_trajectories(cls, traj: Trajectories) -> "PatientOutcomes":
+    def from_trajectories(cls, traj: Trajectories) -> PatientOutcomes:
         mask = traj.mask
         days = traj.steps // STEPS_PER_DAY
         day_end = traj.cumulative_auc[STEPS_PER_DAY - 1 :: STEPS_PER_DAY]  # [D, N] cumulative AUC at each day's end

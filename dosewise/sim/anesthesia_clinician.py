@@ -51,7 +51,7 @@ class SimulatedAnesthesiologist:
         self.habits, self.step_s = habits, step_s
         self.rng = np.random.default_rng(seed)
         n, weight = cohort.n, cohort.covariates.weight
-        per_ml_h = lambda per_kg_min, conc: per_kg_min * weight * 60.0 / conc  # noqa: E731 - dose/kg/min -> mL/h
+        per_ml_h = lambda per_kg_min, conc: per_kg_min * weight * 60.0 / conc
         self.propofol = np.rint(per_ml_h(self.rng.uniform(*habits.maintenance_ug_kg_min, n) / 1000.0, PROPOFOL_MG_PER_ML))
         self.remifentanil = np.rint(per_ml_h(self.rng.uniform(*habits.remifentanil_ug_kg_min, n), REMIFENTANIL_UG_PER_ML))
         bolus_mg = self.rng.uniform(*habits.induction_mg_kg, n) * weight

@@ -171,7 +171,7 @@ class Cohort:
     def n(self) -> int:
         return int(self.age.shape[0])
 
-    def subset(self, index: np.ndarray | slice) -> "Cohort":
+    def subset(self, index: np.ndarray | slice) -> Cohort:
         return Cohort(**{name: getattr(self, name)[index] for name in self.__dataclass_fields__})
 
 
@@ -250,7 +250,7 @@ def sample_cohort(n: int, rng: np.random.Generator, config: VancomycinConfig = V
     creatinine = np.clip(c_med * np.exp(rng.normal(0, spec.creatinine_log_sd, n)), 0.4, 4.0)
     dialysis = (rng.random(n) < spec.dialysis_frac).astype(np.int64)
     serious = rng.random(n) < spec.serious_frac
-    omega = lambda cv: np.sqrt(np.log1p(cv**2))  # noqa: E731 - log-normal SD from a CV
+    omega = lambda cv: np.sqrt(np.log1p(cv**2))
     eta_cl = rng.normal(0, omega(pk.cv_cl), n)
     eta_vc = rng.normal(0, omega(pk.cv_vc), n)
     eta_vp = rng.normal(0, omega(pk.cv_vp), n)
@@ -259,7 +259,7 @@ def sample_cohort(n: int, rng: np.random.Generator, config: VancomycinConfig = V
     hr_base = rng.normal(78, 8, n)
     crcl = cockcroft_gault(age, weight, creatinine, sex, pk)
     interval = np.select([crcl >= 100, crcl >= 50], [8, 12], 24).astype(np.int64)
-    round_250 = lambda mg: np.maximum(250.0, np.round(mg / 250.0) * 250.0)  # noqa: E731
+    round_250 = lambda mg: np.maximum(250.0, np.round(mg / 250.0) * 250.0)
     dose = round_250(15.0 * weight)
     loading = np.where(serious, np.minimum(round_250(25.0 * weight), 3000.0), dose)
     steps = rng.integers(spec.steps[0], spec.steps[1] + 1, n)

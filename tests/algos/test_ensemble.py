@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from dosewise.algos.trained import TrainedIQL
-from dosewise.algos.training import CHECKPOINT_FORMAT, MODEL_FORMAT, TrainingError, checkpoint_path, train_iql
+from dosewise.algos.training import (
+    CHECKPOINT_FORMAT,
+    MODEL_FORMAT,
+    TrainingError,
+    checkpoint_path,
+    train_iql,
+)
 from dosewise.checkpoint import load_safe
 
 SEEDS = [4, 0, 9]

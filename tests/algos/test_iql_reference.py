@@ -12,7 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from dosewise.algos.iql import IQL, Batch, IQLConfig, awr_weights, expectile_loss, gaussian_log_prob, mlp_layers, stacked_mlp
+from dosewise.algos.iql import (
+    IQL,
+    Batch,
+    IQLConfig,
+    awr_weights,
+    expectile_loss,
+    gaussian_log_prob,
+    mlp_layers,
+    stacked_mlp,
+)
 
 
 class ReferenceIQL:
@@ -115,7 +124,7 @@ def test_each_ensemble_member_equals_a_run_with_its_seed_alone() -> None:
 
 def test_state_dict_round_trip_of_an_ensemble() -> None:
     a = IQL(3, 1, IQLConfig(hidden=(8,)), seeds=[1, 2])
-    stacked = lambda s: Batch(*(torch.stack([f, f]) for f in _batch(seed=s)))  # noqa: E731
+    stacked = lambda s: Batch(*(torch.stack([f, f]) for f in _batch(seed=s)))
     a.update(stacked(0))
     b = IQL(3, 1, IQLConfig(hidden=(8,)), seeds=[7, 8])
     b.load_state_dict(copy.deepcopy(a.state_dict()))

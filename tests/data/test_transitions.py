@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from dosewise.data import FEATURES, DataConfig, Normalizer, build_transitions, load_table, load_transitions
+from dosewise.data import (
+    FEATURES,
+    DataConfig,
+    Normalizer,
+    build_transitions,
+    load_table,
+    load_transitions,
+)
 
 CONFIG = DataConfig()
 HEADER = "patient_id,time," + ",".join(FEATURES) + ",action,reward"

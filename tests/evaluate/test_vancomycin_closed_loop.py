@@ -1,8 +1,12 @@
 import numpy as np
 import pytest
 
-from dosewise.evaluate.vancomycin_closed_loop import PatientOutcomes, evaluate_vancomycin, summarize
 from dosewise.evaluate.stats import bootstrap_indices
+from dosewise.evaluate.vancomycin_closed_loop import (
+    PatientOutcomes,
+    evaluate_vancomycin,
+    summarize,
+)
 from dosewise.sim.vancomycin import Trajectories
 
 

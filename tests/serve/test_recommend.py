@@ -15,7 +15,14 @@ from dosewise.algos.training import train_iql
 from dosewise.config import IQLRunConfig, TrainConfig
 from dosewise.data.schema import DataConfig
 from dosewise.data.transitions import Transitions
-from dosewise.serve.recommend import GREEDY_DISAGREEMENT, Recommendation, StateError, parse_state, recommend, validate_state
+from dosewise.serve.recommend import (
+    GREEDY_DISAGREEMENT,
+    Recommendation,
+    StateError,
+    parse_state,
+    recommend,
+    validate_state,
+)
 
 NAMES = ("vanco_level", "creatinine")
 IN_RANGE = {"vanco_level": 20.0, "creatinine": 1.0}

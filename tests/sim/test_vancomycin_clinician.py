@@ -163,7 +163,7 @@ def test_dataset_is_reproducible(dataset):
     other = simulate_dataset(150, seed=1)
     assert not other.equals(dataset)
     # Another seed is another cohort: other episode lengths, other first levels.
-    first = lambda frame: frame.groupby("patient_id")["vanco_level"].first().to_numpy()  # noqa: E731
+    first = lambda frame: frame.groupby("patient_id")["vanco_level"].first().to_numpy()
     assert not np.allclose(first(other), first(dataset), equal_nan=True)
 
 

@@ -126,7 +126,7 @@ def test_vectorised_cohort_equals_one_patient_at_a_time():
 
 def test_same_seed_same_trajectories_other_seed_other_noise():
     cohort = cohort_of(40, seed=5)
-    policy = lambda obs: np.clip((15.0 - obs[:, 0]) / 10.0, -1.0, 1.0)  # noqa: E731 - level-driven
+    policy = lambda obs: np.clip((15.0 - obs[:, 0]) / 10.0, -1.0, 1.0)
     a = rollout(cohort, policy, seed=9)
     b = rollout(cohort, policy, seed=9)
     for name in ("observations", "actions", "rewards", "auc24", "cumulative_auc", "concentration", "creatinine", "new_aki", "dose_mg"):

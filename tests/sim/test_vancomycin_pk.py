@@ -275,7 +275,12 @@ def test_simulator_concentrations_match_superposed_closed_forms():
     interval, each infused at <= 1000 mg/h over whole hours; the first row is at hour 4."""
     from dataclasses import replace
 
-    from dosewise.sim.vancomycin import CohortSpec, KidneyModel, VancomycinConfig, VancomycinSimulator
+    from dosewise.sim.vancomycin import (
+        CohortSpec,
+        KidneyModel,
+        VancomycinConfig,
+        VancomycinSimulator,
+    )
 
     config = VancomycinConfig(
         kidney=replace(KidneyModel(), base_hazard_per_step=1e-12, or_auc_over_600=1.0, or_trough_over_20=1.0),
