@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from dosewise.cli import app
-from dosewise.config import ConfigError, save_config
-from dosewise.planner.compare import strategy_configs
-from dosewise.planner.config import STRATEGIES, ClosedLoopConfig, PlannerTrainConfig
+from dosewise.config import ConfigError, load_config, save_config
+from dosewise.planner.compare import compare_strategies, strategy_configs
+from dosewise.planner.config import STRATEGIES, ClosedLoopConfig, PlannerRunConfig, PlannerTrainConfig
 from tests.planner.conftest import tiny_run
 
 
@@ -41,6 +41,17 @@ def test_compare_strategies_command_writes_table_and_figure(tiny_cases_file, tmp
     table = (out / "comparison.md").read_text()
     assert all(f"| {name} |" in table for name in STRATEGIES)
     assert (out / "env_metrics.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_epochs_and_seed_override_every_strategy(tiny_cases_file, tmp_path):
+    configs = write_configs(tmp_path / "configs")
+    result = compare_strategies(tiny_cases_file, tmp_path / "cmp", configs, epochs=1, jobs=1, strategies=("joint", "detach"), seed=3)
+    assert [row["strategy"] for row in result["rows"]] == ["joint", "detach"]
+    for name in ("joint", "detach"):
+        saved = load_config(tmp_path / "cmp" / name / "config.yaml", PlannerRunConfig)
+        assert saved.train.seed == 3 and saved.train.epochs == 1
+        assert result["summaries"][name]["epochs"] == 1
 
 
 def test_configs_must_share_data_model_and_training(tmp_path):
