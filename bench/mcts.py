@@ -233,11 +233,62 @@ def logging_off() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def profile(repeats: int = 3) -> dict:
+    """Where one batched search (pUCT, from the encoded history) spends its time: wall ms per
+    phase of `dosewise.planner.mcts`, the last of `repeats` runs (phases nest: `_expand` holds
+    the model call and the child sampling)."""
+    import collections
+
+    import dosewise.planner.mcts as mcts_module
+
+    model = planner_model()
+    history, mask, static, invalid = windows(BATCH)
+    with torch.inference_mode():
+        memory, padding = model.represent(history, mask, static)
+    config = MCTSConfig()
+    noise = draw_noise(BATCH, config, torch.Generator().manual_seed(0))
+    spent: dict[str, float] = collections.defaultdict(float)
+    phases = ("_select", "_expand", "_backup", "sample_children", "_result")
+    originals = {name: getattr(mcts_module, name) for name in phases}
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return wrapper
+
+    root, recurrent = planner_search_fns_from_memory(model, memory, padding)
+    try:
+        for name in phases:
+            setattr(mcts_module, name, timed(name, originals[name]))
+        for _ in range(repeats):
+            spent.clear()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                search(root, timed("model", recurrent), config, invalid, noise)
+            total = time.perf_counter() - start
+    finally:
+        for name, function in originals.items():
+            setattr(mcts_module, name, function)
+    return {"total_ms": 1e3 * total, "phases_ms": {name: 1e3 * value for name, value in spent.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="time the reference on 16 windows and extrapolate")
     parser.add_argument("--json", type=Path, default=Path("bench/results/mcts.json"))
+    parser.add_argument("--profile", action="store_true", help="only print where one batched search spends its time")
     args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.profile:
+        split = profile()
+        print(f"one batched search, batch {BATCH}, 50 simulations: {split['total_ms']:.0f} ms")
+        for name, ms in sorted(split["phases_ms"].items(), key=lambda item: -item[1]):
+            print(f"  {name:<16} {ms:7.1f} ms  {100 * ms / split['total_ms']:5.1f} %")
+        return
     r = benchmark(args.quick)
     overhead = training_epoch_overhead(args.quick)
     if overhead:

@@ -19,6 +19,7 @@ from dosewise.planner.beam_search import (
     dose_mask,
     masked_log_policy,
 )
+from dosewise.planner.config import PlannerRunConfig
 from dosewise.planner.model import PlannerModel
 from dosewise.sim.anesthesia_cases import CaseCohort, CaseHistory, CaseSpec
 from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
@@ -105,7 +106,7 @@ class PlannerPolicy:
         return levels[:, 0].astype(np.int64), levels[:, 1].astype(np.int64)
 
 
-def planning_modes(run) -> dict[str, Callable[[PlannerModel], PlannerPolicy]]:
+def planning_modes(run: PlannerRunConfig) -> dict[str, Callable[[PlannerModel], PlannerPolicy]]:
     """Policy factories `planner_<mode>` for the modes and dose limits of `run.closed_loop`
     (a `PlannerRunConfig`); searches discount with the run's γ and plan at most pre_len steps."""
     from dosewise.planner.mcts import MCTSConfig

@@ -377,25 +377,31 @@ class PlannerModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int):
         epoch = self.current_epoch
         size = batch["history"].shape[0]
-        if not self.automatic_optimization and batch_idx >= self.batches_per_pass:
+        if not self.automatic_optimization:
+            if batch_idx < self.batches_per_pass:
+                return self._alternating_env_step(batch, size)
             return self._alternating_policy_step(batch, epoch, size)
-        searching = self.search.enabled and self.automatic_optimization and policy_active(self.strategy, epoch)
+        searching = self.search.enabled and policy_active(self.strategy, epoch)
         losses, _ = planner_losses(self.model, batch, self.strategy, self.search, self._search if searching else None)
         for name, value in losses.as_floats().items():
-            if self.automatic_optimization or name != "policy":
-                self.log(f"loss/{name}", value, on_step=False, on_epoch=True, batch_size=size)
-        if self.automatic_optimization:
-            loss = combined_loss(losses, self.strategy, epoch)
-            self.log("loss/total", loss.detach(), on_step=False, on_epoch=True, batch_size=size)
-            return loss
-        # Alternating (the seed's solution 3), env pass: each epoch first passes over all
-        # minibatches stepping the env model on the env loss with its own optimiser ...
+            self.log(f"loss/{name}", value, on_step=False, on_epoch=True, batch_size=size)
+        loss = combined_loss(losses, self.strategy, epoch)
+        self.log("loss/total", loss.detach(), on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def _alternating_env_step(self, batch: Batch, size: int) -> None:
+        """Alternating (the seed's solution 3), env pass: each epoch first passes over all
+        minibatches stepping the env model on the env loss (Stage 1 only) with its own optimiser ..."""
+        out = self.model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
+        stage1 = dict(zip(("bis", "map", "reward", "value"), stage1_losses(self.model, out, batch)))
+        env = sum(stage1.values())
+        for name, value in {**stage1, "env": env}.items():
+            self.log(f"loss/{name}", value.detach(), on_step=False, on_epoch=True, batch_size=size)
         env_opt, _ = self.optimizers()
         env_opt.zero_grad()
-        self.manual_backward(self.strategy.resolved_env_weight * losses.env)
+        self.manual_backward(self.strategy.resolved_env_weight * env)
         self._clip(env_opt)
         env_opt.step()
-        return None
 
     def _alternating_policy_step(self, batch: Batch, epoch: int, size: int) -> None:
         """... then over the same minibatches stepping the policy network on the policy loss,
@@ -476,8 +482,7 @@ class PlannerModule(pl.LightningModule):
         self.history.append({"epoch": self.current_epoch, **metrics})
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if self.run.optim.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.run.optim.grad_clip, gradient_clip_algorithm="norm")
+        self._clip(optimizer)
 
 
 # -- entry point ---------------------------------------------------------------------------------
