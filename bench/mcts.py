@@ -235,8 +235,8 @@ def logging_off() -> None:
 
 def profile(repeats: int = 3) -> dict:
     """Where one batched search (pUCT, from the encoded history) spends its time: wall ms per
-    phase of `dosewise.planner.mcts`, the last of `repeats` runs (phases nest: `_expand` holds
-    the model call and the child sampling)."""
+    phase of `dosewise.planner.mcts`, the last of `repeats` runs (phases nest: `_descend` holds
+    `_select`, `_store` the child sampling)."""
     import collections
 
     import dosewise.planner.mcts as mcts_module
@@ -248,7 +248,7 @@ def profile(repeats: int = 3) -> dict:
     config = MCTSConfig()
     noise = draw_noise(BATCH, config, torch.Generator().manual_seed(0))
     spent: dict[str, float] = collections.defaultdict(float)
-    phases = ("_select", "_expand", "_backup", "sample_children", "_result")
+    phases = ("_descend", "_select", "_store", "sample_iid_children", "_backup", "sample_distinct_children", "_result")
     originals = {name: getattr(mcts_module, name) for name in phases}
 
     def timed(name, function):

@@ -15,11 +15,12 @@ Built for CPU speed (issue 6, `bench/iql_vs_d3rlpy.py`): every network lives in 
 with a leading member axis, so K seeds or K sweep points train as one learner on batched matmuls;
 gradients are written out by hand (checked against autograd in `tests/algos`), every network's
 gradient is clipped per member, and one fused Adam kernel steps the networks. ``compile=True``
-adds torch.compile.
+adds torch.compile, with Adam written out (`adam_`) so the whole step is one compiled graph.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -96,7 +97,7 @@ def gaussian_log_prob(action: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
 
 def layer_shapes(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> list[tuple[int, int]]:
     dims = [in_dim, *hidden, out_dim]
-    return list(zip(dims[:-1], dims[1:]))
+    return list(itertools.pairwise(dims))
 
 
 def init_mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> Tensor:
@@ -240,6 +241,17 @@ def clip_per_member_(grad: Tensor, max_norm: float) -> Tensor:
     return grad
 
 
+def adam_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: float | Tensor) -> None:
+    """Adam (betas 0.9, 0.999, eps 1e-8) in plain tensor ops, in place: the fused kernel's arithmetic
+    in a form torch.compile traces, so a compiled update stays one graph with its optimiser steps."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    step.add_(1)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.sqrt() / (1 - beta2**step).sqrt() + eps
+    param.sub_(lr / (1 - beta1**step) * exp_avg / denom)
+
+
 class IQL:
     """The learner: K members on stacked weights, fused Adam, ``update(batch) -> metrics``.
 
@@ -285,11 +297,12 @@ class IQL:
             name: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "step": torch.zeros(())}
             for name, p in zip(("q", "v", "pi"), params)
         }
-        # torch.compile fuses a step's elementwise work into a few C++ kernels: about 1.35x at
-        # [32, 32] on one thread and for 16 members, 1.1x at [256, 256] (matmuls dominate there;
-        # bench/results/iql_vs_d3rlpy.json). Compiling takes ~30 s on 2 cores with a cold cache,
-        # longer than a whole default 5000-step run (~2.5 s), hence opt-in.
-        self._update = torch.compile(self._update_step, dynamic=False) if compile else self._update_step
+        # torch.compile fuses a step's elementwise work and Adam (`adam_`) into one graph of C++
+        # kernels: about 2.3x eager at [32, 32] on one thread, ~1.4x for 16 members, 1.1x at
+        # [256, 256] (matmuls dominate there; docs/iql_speed.md). fullgraph: graph breaks (the
+        # fused Adam kernel made four) cost ~1.6x at [32, 32]. Compiling takes ~30 s on 2 cores
+        # with a cold cache, longer than a whole default 5000-step run (~2.5 s), hence opt-in.
+        self._update = torch.compile(self._update_step, dynamic=False, fullgraph=True) if compile else self._update_step
 
     @property
     def members(self) -> int:
@@ -304,6 +317,12 @@ class IQL:
         lr = self.hyper["lr"]
         per_member = isinstance(lr, Tensor)
         params = [getattr(self.nets, n) for n in names]
+        if torch.compiler.is_compiling():  # the fused kernel would split the compiled graph in five
+            for name, param in zip(names, params):
+                state = self.adam[name]
+                rate = lr.view(-1, *[1] * (param.dim() - 1)) if per_member else lr
+                adam_(param, clip_per_member_(grads[name], self.config.grad_clip), state["exp_avg"], state["exp_avg_sq"], state["step"], rate)
+            return
         targets = [torch.zeros_like(p) for p in params] if per_member else params
         functional_adam(
             targets,

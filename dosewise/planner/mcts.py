@@ -17,13 +17,20 @@ Shapes: B trees, N = num_simulations + 1 nodes per tree, k = num_sampled_actions
 node, A levels per drug, 2 drugs, m = candidate_levels, S the shape of an embedded state.
 
 - Actions are joint: one level per drug. A node does not expand all A² joint actions but k of
-  them sampled from its policy prior (Sampled MuZero, Hubert et al. 2021): each drug is
-  restricted to its m most probable valid levels, and k distinct pairs of the m² candidates
-  are drawn by Gumbel-top-k (without replacement) on the joint log-prior
-  log π_ppf(i) + log π_rftn(j). Approximation: pairs outside the m × m candidates are never
-  sampled (their mass is small when m ≫ the policy's spread), and the children's priors are
-  the softmax of their joint log-priors, i.e. the prior renormalised over the sampled set,
-  without Sampled MuZero's β̂/β correction.
+  them sampled from its policy prior (Sampled MuZero, Hubert et al. 2021), in one of two ways:
+  - The root, where the decision is made, gets k DISTINCT joint actions: each drug is
+    restricted to its m most probable valid levels, and k pairs of the m² candidates are drawn by
+    Gumbel-top-k (without replacement) on the joint log-prior log π_ppf(i) + log π_rftn(j), the
+    sample Gumbel MuZero's sequential halving needs. The root children's priors are the softmax
+    of their joint log-priors, i.e. the prior renormalised over the sampled set. Approximation:
+    pairs outside the m × m candidates are never sampled (their mass is small when m ≫ the
+    policy's spread).
+  - Every other node draws k joint actions i.i.d. from its prior, Sampled MuZero with β = π:
+    each drug's level by inverse transform sampling (the policy factorises over the drugs, so
+    this samples the joint prior exactly, with no candidate cut-off). Copies of a joint action
+    are merged into its first draw, whose prior is the empirical β̂ = count / k (Sampled MuZero's
+    β̂/β · π with β = π); later copies are no children (logit -inf). This needs no sort: two
+    `topk` per expansion were a third of the search's time (`bench/mcts.py --profile`).
 - Invalid levels ([B, 2, A] bool mask, True = invalid, e.g. dose limits) get zero prior at
   every node and are never expanded nor chosen. Each drug needs at least one valid level.
 - Selection: pUCT, score = Q̂ + c_puct · P · √N(node) / (1 + N(child)), Q = r + γ·V(child),
@@ -77,8 +84,8 @@ class MCTSConfig(BaseModel):
     num_simulations: int = Field(50, ge=1)
     # Joint actions expanded per node (sampled from the prior); more = wider, shallower trees.
     num_sampled_actions: int = Field(16, ge=1)
-    # Levels per drug the joint actions are sampled from (the m most probable valid ones);
-    # candidate_levels² pairs are scored per expansion. Must not exceed the levels per drug.
+    # Levels per drug the root's distinct joint actions are sampled from (the m most probable
+    # valid ones); candidate_levels² pairs are scored. Must not exceed the levels per drug.
     candidate_levels: int = Field(24, ge=1)
     # Exploration weight of the prior in pUCT; larger = follow the prior longer.
     c_puct: float = Field(1.25, gt=0.0)
@@ -93,7 +100,7 @@ class MCTSConfig(BaseModel):
     # How the root picks the child to simulate and the final action: pUCT (most visited child)
     # or Gumbel MuZero (sequential halving; suited to few simulations).
     root_selection: Literal["puct", "gumbel"] = "puct"
-    # Scale of the Gumbel noise of every expansion's sampling; 0 = deterministic top-k by prior.
+    # Scale of the Gumbel noise of the root's sampling; 0 = the root's k most probable pairs.
     gumbel_scale: float = Field(1.0, ge=0.0)
     # σ of Gumbel MuZero: weight (c_visit + max visits) · c_scale of the normalised Q against
     # the logits; larger = trust the search's Q more than the prior.
@@ -148,16 +155,17 @@ RecurrentFn = Callable[[Tensor, Tensor], RecurrentOutput]
 class SearchNoise:
     """Every random number of a search, drawn up front.
 
-    gumbel[b, n] is the standard Gumbel noise of the candidate pairs when node n of tree b is
-    expanded (n = 0: the root; n = s + 1: the node simulation s creates); candidate pair
-    (i, j) of the two drugs' top levels is entry i · m + j. Under Gumbel MuZero the root's row
-    is also the g of sequential halving.
+    gumbel[b] is the standard Gumbel noise of the root's candidate pairs in tree b; candidate
+    pair (i, j) of the two drugs' top levels is entry i · m + j. Under Gumbel MuZero it is also
+    the g of sequential halving. uniform[b, s, d] are the k uniform draws in [0, 1) of drug d's
+    levels when the node simulation s creates (node s + 1) is expanded.
     """
 
-    gumbel: Tensor  # [B, N, m²]
+    gumbel: Tensor  # [B, m²]
+    uniform: Tensor  # [B, num_simulations, 2, k]
 
     def row(self, b: int) -> SearchNoise:
-        return SearchNoise(self.gumbel[b : b + 1])
+        return SearchNoise(self.gumbel[b : b + 1], self.uniform[b : b + 1])
 
 
 def draw_noise(
@@ -167,11 +175,12 @@ def draw_noise(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> SearchNoise:
-    """Standard Gumbel noise for a search of `batch_size` trees (`SearchNoise`)."""
-    shape = (batch_size, config.num_simulations + 1, config.candidate_levels**2)
+    """The random numbers of a search of `batch_size` trees (`SearchNoise`)."""
+    root = torch.rand(batch_size, config.candidate_levels**2, generator=generator, dtype=dtype, device=device)
+    root.clamp_(min=torch.finfo(dtype).tiny)
+    shape = (batch_size, config.num_simulations, N_DRUGS, config.num_sampled_actions)
     uniform = torch.rand(shape, generator=generator, dtype=dtype, device=device)
-    uniform.clamp_(min=torch.finfo(dtype).tiny)
-    return SearchNoise(-torch.log(-torch.log(uniform)))
+    return SearchNoise(-torch.log(-torch.log(root)), uniform)
 
 
 # -- the tree and the result --------------------------------------------------------------------
@@ -193,10 +202,12 @@ class Tree:
     states: Tensor  # [B, N, *S]: embedded states
     children_index: Tensor  # [B, N, k] long: node of each sampled child, UNVISITED if none yet
     children_actions: Tensor  # [B, N, k, 2] long: joint action (levels) of each sampled child
-    children_logits: Tensor  # [B, N, k] float: joint log-prior; -inf = invalid / no child
-    children_priors: Tensor  # [B, N, k] float: softmax of children_logits (0 where invalid)
+    children_logits: Tensor  # [B, N, k] float: joint log-prior at the root, log draw count elsewhere;
+    # -inf = invalid / a copy / no child
+    children_priors: Tensor  # [B, N, k] float: softmax of children_logits (0 where -inf)
     min_q: Tensor  # [B] float: smallest Q seen in the tree (min-max normalisation)
     max_q: Tensor  # [B] float: largest Q seen in the tree
+    row_offsets: Tensor  # [B] long: b · N, to index the tree's tensors flattened over (B, N)
 
     @property
     def values(self) -> Tensor:
@@ -254,10 +265,10 @@ def considered_visit_table(num_sampled: int, num_simulations: int, device=None) 
     return torch.tensor(rows, dtype=torch.long, device=device)  # (compared with float visit counts: exact)
 
 
-def sample_children(
+def sample_distinct_children(
     prior_logits: Tensor, invalid: Tensor, gumbel: Tensor, config: MCTSConfig
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample k distinct joint actions per row (module docstring).
+    """Sample the root's k distinct joint actions per row (module docstring).
 
     prior_logits [B, 2, A], invalid [B, 2, A] bool, gumbel [B, m²]. Both selections are
     `torch.topk`, which treats every row alike whatever the batch (ties between equal values are
@@ -278,6 +289,39 @@ def sample_children(
     return actions, joint.gather(1, candidates), candidates
 
 
+def sample_iid_children(
+    prior_logits: Tensor, invalid: Tensor, last_valid: Tensor, uniform: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Draw k joint actions per row i.i.d. from the prior and merge copies (module docstring).
+
+    prior_logits [B, 2, A], invalid [B, 2, A] bool, last_valid [B, 2, 1] long (each drug's
+    highest valid level, `last_valid_levels`), uniform [B, 2, k] in [0, 1). Returns actions
+    [B, k, 2] long, their logits [B, k] (log of the draw count at a joint action's first draw,
+    -inf at later copies) and priors [B, k]: β̂ = count / k, exactly (not a softmax, whose
+    rounding would break pUCT's ties between equal counts differently from the reference).
+    """
+    masked = prior_logits.masked_fill(invalid, -math.inf)
+    weights = (masked - masked.amax(-1, keepdim=True)).exp()  # the prior up to its sum; invalid: 0
+    cdf = weights.cumsum(-1)
+    # The first level whose cdf exceeds u · total has positive weight, so it is valid; u · total
+    # may round up to total, hence the clamp to the last valid level.
+    levels = torch.searchsorted(cdf, uniform * cdf[..., -1:], right=True)  # [B, 2, k]
+    actions = torch.minimum(levels, last_valid).transpose(1, 2)  # [B, k, 2]
+    joint = actions[..., 0] * prior_logits.shape[-1] + actions[..., 1]  # [B, k]
+    same = joint.unsqueeze(2) == joint.unsqueeze(1)  # [B, k, k]
+    copy = same.tril(-1).any(-1)  # an earlier draw has the same joint action
+    count = same.sum(-1).to(prior_logits.dtype)
+    logits = torch.where(copy, -math.inf, count.log())
+    priors = torch.where(copy, 0.0, count / uniform.shape[-1])
+    return actions, logits, priors
+
+
+def last_valid_levels(invalid: Tensor) -> Tensor:
+    """[B, 2, 1] long: each drug's highest valid level (invalid [B, 2, A] bool)."""
+    levels = invalid.shape[-1]
+    return (levels - 1 - (~invalid).flip(-1).int().argmax(-1, keepdim=True)).long()
+
+
 @cache
 def _candidate_pairs(m: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """[1, m²] long each: i and j of candidate i · m + j (gathers are cheaper than integer division)."""
@@ -291,38 +335,44 @@ def _masked_softmax(logits: Tensor) -> Tensor:
     return torch.where(any_valid, logits, 0.0).softmax(-1) * any_valid
 
 
-def _take(values: Tensor, node: Tensor | None) -> Tensor:
-    """values [B, N, ...] at node [B] (None: the root) -> [B, ...]."""
-    if node is None:
+def _take(values: Tensor, at: Tensor | None) -> Tensor:
+    """values [B, N, ...] at one node per tree -> [B, ...]; `at` [B] is that node's flat index
+    b · N + node (`_flat`; one index_select instead of an expanded gather), None the root."""
+    if at is None:
         return values[:, ROOT_INDEX]
-    index = node.view(-1, 1, *([1] * (values.dim() - 2))).expand(-1, 1, *values.shape[2:])
-    return values.gather(1, index).squeeze(1)
+    return values.flatten(0, 1).index_select(0, at)
 
 
-def _children_stats(tree: Tree, node: Tensor | None, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Of the children of `node` [B] (None: the root): visited [B, k] bool, visits [B, k] float,
-    Q = r + γV [B, k] (meaningless where unvisited)."""
-    kids = _take(tree.children_index, node)  # [B, k]
+def _flat(tree: Tree, node: Tensor) -> Tensor:
+    """[B] flat index b · N + node of node [B] in tensors [B, N, ...] (for `_take`)."""
+    return tree.row_offsets + node
+
+
+def _children_stats(tree: Tree, at: Tensor | None, gamma: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Of the children of one node per tree (`_take`'s `at`): their node indices [B, k],
+    visited [B, k] bool, visits [B, k] float, Q = r + γV [B, k] (meaningless where unvisited)."""
+    kids = _take(tree.children_index, at)  # [B, k]
     visited = kids != UNVISITED
     safe = kids.clamp(min=0)
     visits = tree.node_visits.gather(1, safe) * visited  # 0 where unvisited
     q = tree.rewards.gather(1, safe) + gamma * (tree.value_sums.gather(1, safe) / visits.clamp(min=1))
-    return visited, visits, q
+    return kids, visited, visits, q
 
 
-def _puct_scores(tree: Tree, node: Tensor | None, low: Tensor, span: Tensor, config: MCTSConfig) -> Tensor:
-    """pUCT score [B, k] of the children of `node` [B] (None: the root); -inf for invalid
-    children. low, span [B, 1]: the tree's min Q and max - min."""
-    visited, visits, q = _children_stats(tree, node, config.gamma)
+def _puct_scores(tree: Tree, at: Tensor | None, low: Tensor, span: Tensor, config: MCTSConfig) -> tuple[Tensor, Tensor]:
+    """pUCT scores [B, k] of the children of one node per tree (`_take`'s `at`), -inf for invalid
+    children, and the children's node indices [B, k]. low, span [B, 1]: the tree's min Q and
+    max - min."""
+    kids, visited, visits, q = _children_stats(tree, at, config.gamma)
+    node_visits = _take(tree.node_visits, at)  # [B]
     if config.unvisited_q == "parent":
-        parent_value = _take(tree.value_sums, node) / _take(tree.node_visits, node).clamp(min=1)  # [B]
+        parent_value = _take(tree.value_sums, at) / node_visits.clamp(min=1)  # [B]
         q = torch.where(visited, q, parent_value.unsqueeze(1))
         q_hat = (q - low) / span
     else:
         q_hat = torch.where(visited, (q - low) / span, 0.0)
-    parent_visits = _take(tree.node_visits, node).sqrt().unsqueeze(1)
-    explore = config.c_puct * _take(tree.children_priors, node) * parent_visits / (1 + visits)
-    return torch.where(_take(tree.children_logits, node) > -math.inf, q_hat + explore, -math.inf)
+    explore = config.c_puct * _take(tree.children_priors, at) * node_visits.sqrt().unsqueeze(1) / (1 + visits)
+    return torch.where(_take(tree.children_logits, at) > -math.inf, q_hat + explore, -math.inf), kids
 
 
 @dataclass(frozen=True)
@@ -335,7 +385,7 @@ class _RootScores:
 
 def _gumbel_root_scores(tree: Tree, root_gumbel: Tensor | float, config: MCTSConfig) -> _RootScores:
     """Gumbel MuZero's root quantities; root_gumbel [B, k] is the g of the root's children."""
-    visited, visits, q = _children_stats(tree, None, config.gamma)
+    _, visited, visits, q = _children_stats(tree, None, config.gamma)
     logits = tree.children_logits[:, ROOT_INDEX]
     prior = tree.children_priors[:, ROOT_INDEX]
     valid = logits > -math.inf
@@ -377,6 +427,7 @@ def _init_tree(root: RootOutput, config: MCTSConfig) -> Tree:
         children_priors=value.new_zeros(b, n, k),
         min_q=value.clone(),
         max_q=value.clone(),
+        row_offsets=torch.arange(b, device=device) * n,
     )
     tree.node_visits[:, ROOT_INDEX] = 1
     tree.value_sums[:, ROOT_INDEX] = value
@@ -385,17 +436,25 @@ def _init_tree(root: RootOutput, config: MCTSConfig) -> Tree:
     return tree
 
 
-def _write_children(tree: Tree, node: int, prior_logits: Tensor, invalid: Tensor, gumbel: Tensor, keep: Tensor | None,
-                    config: MCTSConfig) -> Tensor:
-    """Sample the children of node `node` of every tree (rows where `keep` [B] is False get no
-    valid child). Returns the candidate indices [B, k]."""
-    actions, logits, candidates = sample_children(prior_logits, invalid, gumbel, config)
+def _write_children(tree: Tree, node: Tensor, actions: Tensor, logits: Tensor, priors: Tensor | None = None,
+                    keep: Tensor | None = None) -> None:
+    """Store the sampled children (actions [B, k, 2], logits [B, k], priors [B, k]; None: the
+    softmax of the logits) of node `node` [1] long of every tree; rows where `keep` [B] is False get no
+    valid child."""
+    if priors is None:
+        priors = _masked_softmax(logits)
     if keep is not None:
         logits = torch.where(keep.unsqueeze(1), logits, -math.inf)
-    tree.children_actions[:, node] = actions
-    tree.children_logits[:, node] = logits
-    tree.children_priors[:, node] = _masked_softmax(logits)
-    return candidates
+        priors = torch.where(keep.unsqueeze(1), priors, 0.0)
+    _set_node(tree.children_actions, node, actions)
+    _set_node(tree.children_logits, node, logits)
+    _set_node(tree.children_priors, node, priors)
+
+
+def _set_node(values: Tensor, node: Tensor, value: Tensor) -> None:
+    """values[:, node] = value for node [1] long: a tensor index, so that the code does not depend
+    on which simulation runs it (torch.compile traces one graph for all of them)."""
+    values.index_copy_(1, node, value.unsqueeze(1))
 
 
 # -- the search ------------------------------------------------------------------------------------
@@ -424,8 +483,9 @@ def _select(tree: Tree, config: MCTSConfig, root_child: Tensor, low: Tensor, spa
     slot = root_child
     path[:, 1] = node
     for depth in range(1, config.max_depth):
-        chosen = _puct_scores(tree, node, low, span, config).argmax(-1)
-        child = _take(tree.children_index, node).gather(1, chosen.unsqueeze(1)).squeeze(1)
+        scores, kids = _puct_scores(tree, _flat(tree, node), low, span, config)
+        chosen = scores.argmax(-1)
+        child = kids.gather(1, chosen.unsqueeze(1)).squeeze(1)
         stop = descending & (child == UNVISITED)
         slot = torch.where(stop, chosen, slot)
         expand, descending = expand | stop, descending & ~stop
@@ -434,35 +494,41 @@ def _select(tree: Tree, config: MCTSConfig, root_child: Tensor, low: Tensor, spa
     return _Selection(path, node, slot, expand)
 
 
-def _expand(tree: Tree, selection: _Selection, new: int, recurrent_fn: RecurrentFn, invalid: Tensor, gumbel: Tensor,
-            config: MCTSConfig) -> Tensor:
-    """Evaluate the selected children with ONE call of recurrent_fn on all trees and store them as
-    node `new` (rows that ended at a max-depth node call it on the root's first child, any valid
-    input, and discard the output). gumbel [B, m²]: node `new`'s noise. Returns the new node's
-    depth [B] (garbage where not expanded)."""
+def _model_inputs(tree: Tree, selection: _Selection) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The recurrent call's inputs: the state [B, *S] and joint action [B, 2] of the selected
+    child's parent (rows that ended at a max-depth node: the root's first child, any valid input,
+    whose output is discarded), and that parent's flat edge index [B] (node · k + slot) and the
+    child's depth [B]."""
     b, n_nodes, k = tree.children_index.shape
     expand = selection.expand
     source = torch.where(expand, selection.node, ROOT_INDEX)
     edge = source * k + torch.where(expand, selection.slot, 0)  # [B] flat (node, slot)
     action = tree.children_actions.view(b, n_nodes * k, N_DRUGS).gather(1, edge.view(b, 1, 1).expand(b, 1, N_DRUGS))
-    flat_states = tree.states.view(b * n_nodes, *tree.states.shape[2:])
-    rows = torch.arange(b, device=source.device)
-    out = recurrent_fn(flat_states.index_select(0, rows * n_nodes + source), action.squeeze(1))
+    state = tree.states.flatten(0, 1).index_select(0, _flat(tree, source))
     depth = tree.depths.gather(1, source.unsqueeze(1)).squeeze(1) + 1
-    tree.states[:, new] = out.state
-    tree.rewards[:, new] = torch.where(expand, out.reward.to(tree.rewards.dtype), 0.0)
-    tree.raw_values[:, new] = torch.where(expand, out.value.to(tree.rewards.dtype), 0.0)
-    tree.depths[:, new] = torch.where(expand, depth, 0)
-    tree.parents[:, new] = torch.where(expand, selection.node, UNVISITED)
-    _write_children(tree, new, out.prior_logits, invalid, gumbel, expand & (depth < config.max_depth), config)
+    return state, action.squeeze(1), edge, depth
+
+
+def _store(tree: Tree, selection: _Selection, new: Tensor, out: RecurrentOutput, edge: Tensor, depth: Tensor,
+           invalid: Tensor, last_valid: Tensor, uniform: Tensor, config: MCTSConfig) -> None:
+    """Store the model's output for the selected children as node `new` ([1] long) and sample its
+    children (uniform [B, 2, k]); rows that did not expand leave node `new` unused."""
+    b, n_nodes, k = tree.children_index.shape
+    expand = selection.expand
+    _set_node(tree.states, new, out.state)
+    _set_node(tree.rewards, new, torch.where(expand, out.reward.to(tree.rewards.dtype), 0.0))
+    _set_node(tree.raw_values, new, torch.where(expand, out.value.to(tree.rewards.dtype), 0.0))
+    _set_node(tree.depths, new, torch.where(expand, depth, 0))
+    _set_node(tree.parents, new, torch.where(expand, selection.node, UNVISITED))
+    actions, logits, priors = sample_iid_children(out.prior_logits, invalid, last_valid, uniform)
+    _write_children(tree, new, actions, logits, priors, expand & (depth < config.max_depth))
     # Link the new node to its parent; other rows write UNVISITED into the new node's first slot.
     tree.children_index.view(b, n_nodes * k).scatter_(
         1, torch.where(expand, edge, new * k).unsqueeze(1), torch.where(expand, new, UNVISITED).unsqueeze(1)
     )
-    return depth
 
 
-def _backup(tree: Tree, selection: _Selection, new: int, new_depth: Tensor, config: MCTSConfig) -> None:
+def _backup(tree: Tree, selection: _Selection, new: Tensor, new_depth: Tensor, config: MCTSConfig) -> None:
     """Back the leaf's value up the path: every node on it gets one visit and the discounted
     return G (G ← r + γG from the leaf up); the tree's min-max statistics see every updated Q."""
     gamma, max_depth = config.gamma, config.max_depth
@@ -513,35 +579,61 @@ def search(
         invalid_actions = torch.zeros(b, N_DRUGS, levels, dtype=torch.bool, device=device)
     if noise is None:
         noise = draw_noise(b, config, generator, root.value.dtype, device)
-    expected = (b, config.num_simulations + 1, config.candidate_levels**2)
-    if tuple(noise.gumbel.shape) != expected:
-        raise ValueError(f"noise.gumbel must be {list(expected)} (draw_noise with this config), "
-                         f"got {list(noise.gumbel.shape)}")
-    gumbel = noise.gumbel.to(root.value.dtype)
+    for name, expected in (("gumbel", (b, config.candidate_levels**2)),
+                           ("uniform", (b, config.num_simulations, N_DRUGS, config.num_sampled_actions))):
+        if tuple(getattr(noise, name).shape) != expected:
+            raise ValueError(f"noise.{name} must be {list(expected)} (draw_noise with this config), "
+                             f"got {list(getattr(noise, name).shape)}")
+    gumbel, uniform = noise.gumbel.to(root.value.dtype), noise.uniform.to(root.value.dtype)
 
+    last_valid = last_valid_levels(invalid_actions)
     tree = _init_tree(root, config)
-    root_candidates = _write_children(
-        tree, ROOT_INDEX, root.prior_logits, invalid_actions, gumbel[:, ROOT_INDEX], None, config
-    )
+    actions, logits, root_candidates = sample_distinct_children(root.prior_logits, invalid_actions, gumbel, config)
+    nodes = torch.arange(config.num_simulations + 1, device=device).unsqueeze(1)  # [N, 1] node indices
+    _write_children(tree, nodes[ROOT_INDEX], actions, logits)
     root_gumbel = None
     if config.root_selection == "gumbel":
-        root_gumbel = config.gumbel_scale * gumbel[:, ROOT_INDEX].gather(1, root_candidates)  # [B, k]
+        root_gumbel = config.gumbel_scale * gumbel.gather(1, root_candidates)  # [B, k]
         num_considered = (tree.children_logits[:, ROOT_INDEX] > -math.inf).sum(-1)  # [B]
         considered = considered_visit_table(config.num_sampled_actions, config.num_simulations, device)
 
     for sim in range(config.num_simulations):
-        low, span = tree.min_q.unsqueeze(1), (tree.max_q - tree.min_q).clamp(min=EPSILON).unsqueeze(1)
-        if root_gumbel is None:
-            root_child = _puct_scores(tree, None, low, span, config).argmax(-1)
-        else:  # sequential halving: the best child among those with the scheduled visit count
-            scores = _gumbel_root_scores(tree, root_gumbel, config)
-            root_child = _argmax_considered(scores, considered[num_considered, sim])
-        selection = _select(tree, config, root_child, low, span)
-        new = sim + 1  # the node this simulation creates (unused if it ends at a max-depth node)
-        new_depth = _expand(tree, selection, new, recurrent_fn, invalid_actions, gumbel[:, new], config)
-        _backup(tree, selection, new, new_depth, config)
+        considered_visit = None if root_gumbel is None else considered[num_considered, sim]
+        _simulate(tree, nodes[sim + 1], recurrent_fn, invalid_actions, last_valid, uniform[:, sim], root_gumbel,
+                  considered_visit, config)
 
     return _result(tree, config, root_gumbel)
+
+
+def _simulate(tree: Tree, new: Tensor, recurrent_fn: RecurrentFn, invalid: Tensor, last_valid: Tensor, uniform: Tensor,
+              root_gumbel: Tensor | None, considered_visit: Tensor | None, config: MCTSConfig) -> None:
+    """One simulation in every tree: descend (`_descend`), evaluate the selected children with ONE
+    call of recurrent_fn on all trees, store them as node `new` ([1] long: the simulation's
+    number + 1; unused where the descent ends at a max-depth node) and back up (`_grow`)."""
+    selection, state, action, edge, depth = _descend(tree, root_gumbel, considered_visit, config)
+    out = recurrent_fn(state, action)
+    _grow(tree, selection, new, out, edge, depth, invalid, last_valid, uniform, config)
+
+
+def _descend(tree: Tree, root_gumbel: Tensor | None, considered_visit: Tensor | None,
+             config: MCTSConfig) -> tuple[_Selection, Tensor, Tensor, Tensor, Tensor]:
+    """Choose the root's child (pUCT, or under Gumbel MuZero the best child with
+    `considered_visit` [B] visits), descend (`_select`) and gather the model's inputs
+    (`_model_inputs`)."""
+    low, span = tree.min_q.unsqueeze(1), (tree.max_q - tree.min_q).clamp(min=EPSILON).unsqueeze(1)
+    if root_gumbel is None:
+        root_child = _puct_scores(tree, None, low, span, config)[0].argmax(-1)
+    else:  # sequential halving: the best child among those with the scheduled visit count
+        root_child = _argmax_considered(_gumbel_root_scores(tree, root_gumbel, config), considered_visit)
+    selection = _select(tree, config, root_child, low, span)
+    return (selection, *_model_inputs(tree, selection))
+
+
+def _grow(tree: Tree, selection: _Selection, new: Tensor, out: RecurrentOutput, edge: Tensor, depth: Tensor,
+          invalid: Tensor, last_valid: Tensor, uniform: Tensor, config: MCTSConfig) -> None:
+    """Store the evaluated children (`_store`) and back their values up (`_backup`)."""
+    _store(tree, selection, new, out, edge, depth, invalid, last_valid, uniform, config)
+    _backup(tree, selection, new, depth, config)
 
 
 def _result(tree: Tree, config: MCTSConfig, root_gumbel: Tensor | None) -> SearchResult:

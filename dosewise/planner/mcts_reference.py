@@ -37,15 +37,15 @@ class Node:
     actions: list[tuple[int, int]] = field(default_factory=list)  # sampled joint actions
     logits: list[float] = field(default_factory=list)  # their joint log-priors (-inf: invalid)
     priors: list[float] = field(default_factory=list)
-    candidates: list[int] = field(default_factory=list)  # their candidate indices i · m + j
+    candidates: list[int] = field(default_factory=list)  # the root only: candidate indices i · m + j
     children: list[Node | None] = field(default_factory=list)
 
     def value(self) -> float:
         return self.value_sum / self.visits
 
 
-def sample_children(prior_logits: Tensor, invalid: Tensor, gumbel: Tensor, config: MCTSConfig) -> dict:
-    """k joint actions of one node: prior_logits [2, A], invalid [2, A] bool, gumbel [m²].
+def sample_distinct_children(prior_logits: Tensor, invalid: Tensor, gumbel: Tensor, config: MCTSConfig) -> dict:
+    """The root's k joint actions: prior_logits [2, A], invalid [2, A] bool, gumbel [m²].
     Each drug's m most probable valid levels, then the k best candidate pairs (i, j) by joint
     log-prior + scaled Gumbel noise; priors are the softmax of the k joint log-priors."""
     m, k = config.candidate_levels, config.num_sampled_actions
@@ -64,25 +64,52 @@ def sample_children(prior_logits: Tensor, invalid: Tensor, gumbel: Tensor, confi
     }
 
 
+def sample_iid_children(prior_logits: Tensor, invalid: Tensor, uniform: Tensor) -> dict:
+    """k joint actions of a non-root node drawn i.i.d. from its prior: prior_logits [2, A],
+    invalid [2, A] bool, uniform [2, k]. Draw i of drug d is the first level whose cumulative
+    (unnormalised) prior exceeds uniform[d, i] · total (at most the last valid level); copies of
+    a joint action count towards its first draw, whose prior is count / k."""
+    masked = prior_logits.masked_fill(invalid, -math.inf)
+    cdf = (masked - masked.amax(-1, keepdim=True)).exp().cumsum(-1)  # [2, A] unnormalised
+    levels = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).tolist()  # [2][k]
+    last_valid = [int((~invalid[d]).nonzero().max()) for d in range(2)]
+    counts: dict[tuple[int, int], int] = {}
+    draws = []
+    for i in range(uniform.shape[1]):
+        draw = (min(levels[0][i], last_valid[0]), min(levels[1][i], last_valid[1]))
+        draws.append(draw)
+        counts[draw] = counts.get(draw, 0) + 1
+    first = {}
+    for i, draw in enumerate(draws):
+        first.setdefault(draw, i)
+    logits = [math.log(counts[draw]) if first[draw] == i else -math.inf for i, draw in enumerate(draws)]
+    total = sum(counts.values())
+    return {
+        "actions": draws,
+        "logits": logits,
+        "priors": [counts[draw] / total if first[draw] == i else 0.0 for i, draw in enumerate(draws)],
+    }
+
+
 class ReferenceSearch:
     """One tree; `run()` returns a SearchResult of batch size one."""
 
     def __init__(self, root: RootOutput, recurrent_fn: RecurrentFn, config: MCTSConfig, invalid: Tensor,
                  noise: SearchNoise) -> None:
         self.recurrent_fn, self.config, self.invalid = recurrent_fn, config, invalid
-        self.gumbel = noise.gumbel[0].to(root.value.dtype)  # [N, m²]
+        gumbel = noise.gumbel[0].to(root.value.dtype)  # [m²]
+        self.uniform = noise.uniform[0].to(root.value.dtype)  # [num_simulations, 2, k]
         value = float(root.value[0])
         self.root = Node(depth=0, state=root.state, reward=0.0, raw_value=value, visits=1, value_sum=value)
-        self.expand(self.root, root.prior_logits[0], 0)
+        self.set_children(self.root, sample_distinct_children(root.prior_logits[0], invalid, gumbel, config))
         self.min_q = self.max_q = value
-        self.root_gumbel = [config.gumbel_scale * self.gumbel[0, c].item() for c in self.root.candidates]
+        self.root_gumbel = [config.gumbel_scale * gumbel[c].item() for c in self.root.candidates]
 
-    def expand(self, node: Node, prior_logits: Tensor, index: int) -> None:
+    def set_children(self, node: Node, sampled: dict) -> None:
         if node.depth == self.config.max_depth:
             return  # a leaf for good: no children
-        sampled = sample_children(prior_logits, self.invalid, self.gumbel[index], self.config)
-        node.actions, node.logits = sampled["actions"], sampled["logits"]
-        node.priors, node.candidates = sampled["priors"], sampled["candidates"]
+        node.actions, node.logits, node.priors = sampled["actions"], sampled["logits"], sampled["priors"]
+        node.candidates = sampled.get("candidates", [])
         node.children = [None] * len(node.actions)
 
     def q(self, child: Node) -> float:
@@ -145,7 +172,7 @@ class ReferenceSearch:
                 out = self.recurrent_fn(node.state, torch.tensor([node.actions[i]], device=node.state.device))
                 child = Node(depth=node.depth + 1, state=out.state, reward=float(out.reward[0]),
                              raw_value=float(out.value[0]))
-                self.expand(child, out.prior_logits[0], sim + 1)
+                self.set_children(child, sample_iid_children(out.prior_logits[0], self.invalid, self.uniform[sim]))
                 node.children[i] = child
                 path.append(child)
                 break

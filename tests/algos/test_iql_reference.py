@@ -16,6 +16,7 @@ from dosewise.algos.iql import (
     IQL,
     Batch,
     IQLConfig,
+    adam_,
     awr_weights,
     expectile_loss,
     gaussian_log_prob,
@@ -172,3 +173,20 @@ def test_each_sweep_member_equals_its_config_trained_alone() -> None:
 def test_sweep_members_must_share_their_network_shapes() -> None:
     with pytest.raises(ValueError, match="differ in lr, gamma, beta, tau only"):
         IQL(3, 1, IQLConfig(), seeds=[0, 1], member_configs=[IQLConfig(), IQLConfig(hidden=(8,))])
+
+
+def test_traceable_adam_matches_torch_adam() -> None:
+    """`adam_` (what a compiled update runs) takes torch.optim.Adam's steps, per-member lr included."""
+    g = torch.Generator().manual_seed(0)
+    lr = torch.tensor([[1e-3], [3e-2]])
+    mine = torch.randn(2, 50, generator=g)
+    theirs = [mine[k].clone().requires_grad_() for k in range(2)]
+    opts = [torch.optim.Adam([p], lr=float(lr[k])) for k, p in enumerate(theirs)]
+    exp_avg, exp_avg_sq, step = torch.zeros_like(mine), torch.zeros_like(mine), torch.zeros(())
+    for _ in range(10):
+        grad = torch.randn(2, 50, generator=g)
+        adam_(mine, grad, exp_avg, exp_avg_sq, step, lr)
+        for k, (p, opt) in enumerate(zip(theirs, opts)):
+            p.grad = grad[k].clone()
+            opt.step()
+    torch.testing.assert_close(mine, torch.stack([p.detach() for p in theirs]), rtol=1e-4, atol=1e-5)

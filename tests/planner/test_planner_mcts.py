@@ -18,7 +18,9 @@ from dosewise.planner.mcts import (
     SearchNoise,
     considered_visit_sequence,
     draw_noise,
+    last_valid_levels,
     planner_search_fns,
+    sample_iid_children,
     search,
 )
 from dosewise.planner.mcts_reference import reference_search_rows
@@ -167,6 +169,31 @@ def test_chain_where_the_greedy_step_is_wrong(root_selection, sims):
     assert (search(root, fn, shallow, noise=noise(4, shallow, 1)).action[:, 0] == GREEDY).all()
 
 
+def test_interior_children_are_iid_draws_from_the_prior():
+    """Inverse transform sampling draws each drug's level with its prior probability (20000
+    draws, within 4 standard errors), never an invalid level, even for u just below 1; copies
+    of a joint action merge into its first draw with prior count / k."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2, 9, generator=g, dtype=F64)
+    invalid = torch.zeros(1, 2, 9, dtype=torch.bool)
+    invalid[0, 0, [2, 8]] = invalid[0, 1, 0] = True
+    draws = 20000
+    actions, _, _ = sample_iid_children(logits, invalid, last_valid_levels(invalid), torch.rand(1, 2, draws, generator=g, dtype=F64))
+    prob = logits.masked_fill(invalid, -math.inf).softmax(-1)[0]
+    for drug in range(2):
+        frequency = torch.bincount(actions[0, :, drug], minlength=9).to(F64) / draws
+        assert (frequency[invalid[0, drug]] == 0).all()
+        assert ((frequency - prob[drug]).abs() <= 4 * (prob[drug] * (1 - prob[drug]) / draws).sqrt() + 1e-12).all()
+    top = torch.full((1, 2, 3), 1 - 2**-53, dtype=F64)  # rounds u · total up to total
+    assert torch.equal(sample_iid_children(logits, invalid, last_valid_levels(invalid), top)[0][0], torch.tensor([[7, 8]] * 3))
+
+    uniform = torch.tensor([[[0.1, 0.1, 0.9, 0.1], [0.1, 0.1, 0.1, 0.1]]], dtype=F64)
+    actions, child_logits, priors = sample_iid_children(logits, invalid, last_valid_levels(invalid), uniform)
+    assert torch.equal(actions[0, 0], actions[0, 1]) and torch.equal(actions[0, 0], actions[0, 3])
+    assert torch.equal(priors[0], torch.tensor([0.75, 0.0, 0.25, 0.0], dtype=F64))
+    torch.testing.assert_close(child_logits.softmax(-1), priors)
+
+
 @pytest.mark.parametrize("root_selection", ["puct", "gumbel"])
 def test_invalid_levels_are_never_chosen(root_selection):
     levels = 11
@@ -232,10 +259,11 @@ def test_batch_rows_never_influence_each_other(root_selection):
     changed_root.prior_logits[0] = torch.randn(2, 13, dtype=F64)
     changed_root.value[0] += 5.0
     changed_root.state[0] = torch.randn(8, dtype=F64)
-    changed_mask, changed_gumbel = mask.clone(), rand.gumbel.clone()
+    changed_mask, changed_gumbel, changed_uniform = mask.clone(), rand.gumbel.clone(), rand.uniform.clone()
     changed_mask[0] = False
     changed_gumbel[0] = torch.randn_like(changed_gumbel[0])
-    after = search(changed_root, model, config, changed_mask, SearchNoise(changed_gumbel))
+    changed_uniform[0] = torch.rand_like(changed_uniform[0])
+    after = search(changed_root, model, config, changed_mask, SearchNoise(changed_gumbel, changed_uniform))
     assert not torch.equal(after.visit_counts[0], before.visit_counts[0])
     for name in ("action", "children_actions", "visit_counts", "q_values", "root_value", "policy"):
         assert torch.equal(getattr(after, name)[1:], getattr(before, name)[1:]), name
