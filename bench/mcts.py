@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dosewise.allocator import keep_freed_memory
 from dosewise.planner.config import PlannerModelConfig
 from dosewise.planner.mcts import (
     UNVISITED,
@@ -283,6 +284,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="only print where one batched search spends its time")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the dosewise CLI does; for the batched search and the reference alike
     if args.profile:
         split = profile()
         print(f"one batched search, batch {BATCH}, 50 simulations: {split['total_ms']:.0f} ms")

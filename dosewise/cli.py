@@ -35,7 +35,12 @@ def _main() -> None:
     """Offline RL for drug dosing: simulate, train, evaluate, recommend."""
     import torch
 
+    from dosewise.allocator import keep_freed_memory
+
     torch.set_num_threads(1)  # the networks are small: one thread beats two contending ones
+    keep_freed_memory()  # no page faults for re-allocated activations (dosewise/allocator.py)
+
+
 errors = Console(stderr=True)
 
 
