@@ -9,7 +9,7 @@ batch 256; seed 004's lr 3e-5, gamma 0.9, beta 0.5, tau 0.7, Polyak 0.005 for bo
 Every measurement is its own subprocess (so peak memory is per run, and one library's imports
 or allocator state never slow the other), all of them with glibc keeping freed memory
 (`dosewise.allocator.ENVIRONMENT`, what the `dosewise` CLI sets for itself; it speeds up our
-64-member ensembles 1.27x and d3rlpy by 1.04x), torch runs on one thread in all of them, the runs
+64-member ensembles 1.26-1.36x and leaves d3rlpy as it is: `bench/allocator.py`), torch runs on one thread in all of them, the runs
 alternate between the libraries, and the median of the repeats is reported. Two things are
 measured, in the same run:
 

@@ -236,8 +236,8 @@ def logging_off() -> None:
 
 def profile(repeats: int = 3) -> dict:
     """Where one batched search (pUCT, from the encoded history) spends its time: wall ms per
-    phase of `dosewise.planner.mcts`, the last of `repeats` runs (phases nest: `_descend` holds
-    `_select`, `_store` the child sampling)."""
+    phase of `dosewise.planner.mcts`, the last of `repeats` runs (phases nest: `_store` holds
+    the child sampling)."""
     import collections
 
     import dosewise.planner.mcts as mcts_module
@@ -249,7 +249,7 @@ def profile(repeats: int = 3) -> dict:
     config = MCTSConfig()
     noise = draw_noise(BATCH, config, torch.Generator().manual_seed(0))
     spent: dict[str, float] = collections.defaultdict(float)
-    phases = ("_descend", "_select", "_store", "sample_iid_children", "_backup", "sample_distinct_children", "_result")
+    phases = ("_select", "_model_inputs", "_store", "sample_iid_children", "_backup", "sample_distinct_children", "_result")
     originals = {name: getattr(mcts_module, name) for name in phases}
 
     def timed(name, function):

@@ -4,8 +4,8 @@ glibc hands blocks above its mmap threshold back to the operating system when th
 and takes page faults to get them back on the next allocation. A training step frees and
 re-allocates the same megabyte-sized activations every time, so a 64-member IQL ensemble spent
 a fifth of its time faulting pages in. Raising the mmap and trim thresholds keeps those blocks
-for reuse (1.27x steps/s for 64 members compiled, 1.29x eager; no change at 16 members or for
-d3rlpy; docs/iql_speed.md). It is process-wide, so only entry points call it (the `dosewise`
+for reuse (`python bench/allocator.py`: 1.26x steps/s for 64 members compiled, 1.36x eager, no
+change at 16 members or for d3rlpy). It is process-wide, so only entry points call it (the `dosewise`
 CLI, the benchmarks); a program that imports dosewise keeps its own allocator settings.
 """
 

@@ -436,25 +436,19 @@ def _init_tree(root: RootOutput, config: MCTSConfig) -> Tree:
     return tree
 
 
-def _write_children(tree: Tree, node: Tensor, actions: Tensor, logits: Tensor, priors: Tensor | None = None,
+def _write_children(tree: Tree, node: int, actions: Tensor, logits: Tensor, priors: Tensor | None = None,
                     keep: Tensor | None = None) -> None:
     """Store the sampled children (actions [B, k, 2], logits [B, k], priors [B, k]; None: the
-    softmax of the logits) of node `node` [1] long of every tree; rows where `keep` [B] is False get no
+    softmax of the logits) of node `node` of every tree; rows where `keep` [B] is False get no
     valid child."""
     if priors is None:
         priors = _masked_softmax(logits)
     if keep is not None:
         logits = torch.where(keep.unsqueeze(1), logits, -math.inf)
         priors = torch.where(keep.unsqueeze(1), priors, 0.0)
-    _set_node(tree.children_actions, node, actions)
-    _set_node(tree.children_logits, node, logits)
-    _set_node(tree.children_priors, node, priors)
-
-
-def _set_node(values: Tensor, node: Tensor, value: Tensor) -> None:
-    """values[:, node] = value for node [1] long: a tensor index, so that the code does not depend
-    on which simulation runs it (torch.compile traces one graph for all of them)."""
-    values.index_copy_(1, node, value.unsqueeze(1))
+    tree.children_actions[:, node] = actions
+    tree.children_logits[:, node] = logits
+    tree.children_priors[:, node] = priors
 
 
 # -- the search ------------------------------------------------------------------------------------
@@ -509,17 +503,17 @@ def _model_inputs(tree: Tree, selection: _Selection) -> tuple[Tensor, Tensor, Te
     return state, action.squeeze(1), edge, depth
 
 
-def _store(tree: Tree, selection: _Selection, new: Tensor, out: RecurrentOutput, edge: Tensor, depth: Tensor,
+def _store(tree: Tree, selection: _Selection, new: int, out: RecurrentOutput, edge: Tensor, depth: Tensor,
            invalid: Tensor, last_valid: Tensor, uniform: Tensor, config: MCTSConfig) -> None:
-    """Store the model's output for the selected children as node `new` ([1] long) and sample its
-    children (uniform [B, 2, k]); rows that did not expand leave node `new` unused."""
+    """Store the model's output for the selected children as node `new` and sample its children
+    (uniform [B, 2, k]); rows that did not expand leave node `new` unused."""
     b, n_nodes, k = tree.children_index.shape
     expand = selection.expand
-    _set_node(tree.states, new, out.state)
-    _set_node(tree.rewards, new, torch.where(expand, out.reward.to(tree.rewards.dtype), 0.0))
-    _set_node(tree.raw_values, new, torch.where(expand, out.value.to(tree.rewards.dtype), 0.0))
-    _set_node(tree.depths, new, torch.where(expand, depth, 0))
-    _set_node(tree.parents, new, torch.where(expand, selection.node, UNVISITED))
+    tree.states[:, new] = out.state
+    tree.rewards[:, new] = torch.where(expand, out.reward.to(tree.rewards.dtype), 0.0)
+    tree.raw_values[:, new] = torch.where(expand, out.value.to(tree.rewards.dtype), 0.0)
+    tree.depths[:, new] = torch.where(expand, depth, 0)
+    tree.parents[:, new] = torch.where(expand, selection.node, UNVISITED)
     actions, logits, priors = sample_iid_children(out.prior_logits, invalid, last_valid, uniform)
     _write_children(tree, new, actions, logits, priors, expand & (depth < config.max_depth))
     # Link the new node to its parent; other rows write UNVISITED into the new node's first slot.
@@ -528,7 +522,7 @@ def _store(tree: Tree, selection: _Selection, new: Tensor, out: RecurrentOutput,
     )
 
 
-def _backup(tree: Tree, selection: _Selection, new: Tensor, new_depth: Tensor, config: MCTSConfig) -> None:
+def _backup(tree: Tree, selection: _Selection, new: int, new_depth: Tensor, config: MCTSConfig) -> None:
     """Back the leaf's value up the path: every node on it gets one visit and the discounted
     return G (G ← r + γG from the leaf up); the tree's min-max statistics see every updated Q."""
     gamma, max_depth = config.gamma, config.max_depth
@@ -589,8 +583,7 @@ def search(
     last_valid = last_valid_levels(invalid_actions)
     tree = _init_tree(root, config)
     actions, logits, root_candidates = sample_distinct_children(root.prior_logits, invalid_actions, gumbel, config)
-    nodes = torch.arange(config.num_simulations + 1, device=device).unsqueeze(1)  # [N, 1] node indices
-    _write_children(tree, nodes[ROOT_INDEX], actions, logits)
+    _write_children(tree, ROOT_INDEX, actions, logits)
     root_gumbel = None
     if config.root_selection == "gumbel":
         root_gumbel = config.gumbel_scale * gumbel.gather(1, root_candidates)  # [B, k]
@@ -599,39 +592,26 @@ def search(
 
     for sim in range(config.num_simulations):
         considered_visit = None if root_gumbel is None else considered[num_considered, sim]
-        _simulate(tree, nodes[sim + 1], recurrent_fn, invalid_actions, last_valid, uniform[:, sim], root_gumbel,
+        _simulate(tree, sim + 1, recurrent_fn, invalid_actions, last_valid, uniform[:, sim], root_gumbel,
                   considered_visit, config)
 
     return _result(tree, config, root_gumbel)
 
 
-def _simulate(tree: Tree, new: Tensor, recurrent_fn: RecurrentFn, invalid: Tensor, last_valid: Tensor, uniform: Tensor,
+def _simulate(tree: Tree, new: int, recurrent_fn: RecurrentFn, invalid: Tensor, last_valid: Tensor, uniform: Tensor,
               root_gumbel: Tensor | None, considered_visit: Tensor | None, config: MCTSConfig) -> None:
-    """One simulation in every tree: descend (`_descend`), evaluate the selected children with ONE
-    call of recurrent_fn on all trees, store them as node `new` ([1] long: the simulation's
-    number + 1; unused where the descent ends at a max-depth node) and back up (`_grow`)."""
-    selection, state, action, edge, depth = _descend(tree, root_gumbel, considered_visit, config)
-    out = recurrent_fn(state, action)
-    _grow(tree, selection, new, out, edge, depth, invalid, last_valid, uniform, config)
-
-
-def _descend(tree: Tree, root_gumbel: Tensor | None, considered_visit: Tensor | None,
-             config: MCTSConfig) -> tuple[_Selection, Tensor, Tensor, Tensor, Tensor]:
-    """Choose the root's child (pUCT, or under Gumbel MuZero the best child with
-    `considered_visit` [B] visits), descend (`_select`) and gather the model's inputs
-    (`_model_inputs`)."""
+    """One simulation in every tree: choose the root's child (pUCT, or under Gumbel MuZero the
+    best child with `considered_visit` [B] visits), descend, evaluate the selected children with
+    ONE call of recurrent_fn on all trees, store them as node `new` (the simulation's number + 1;
+    unused where the descent ends at a max-depth node) and back up."""
     low, span = tree.min_q.unsqueeze(1), (tree.max_q - tree.min_q).clamp(min=EPSILON).unsqueeze(1)
     if root_gumbel is None:
         root_child = _puct_scores(tree, None, low, span, config)[0].argmax(-1)
     else:  # sequential halving: the best child among those with the scheduled visit count
         root_child = _argmax_considered(_gumbel_root_scores(tree, root_gumbel, config), considered_visit)
     selection = _select(tree, config, root_child, low, span)
-    return (selection, *_model_inputs(tree, selection))
-
-
-def _grow(tree: Tree, selection: _Selection, new: Tensor, out: RecurrentOutput, edge: Tensor, depth: Tensor,
-          invalid: Tensor, last_valid: Tensor, uniform: Tensor, config: MCTSConfig) -> None:
-    """Store the evaluated children (`_store`) and back their values up (`_backup`)."""
+    state, action, edge, depth = _model_inputs(tree, selection)
+    out = recurrent_fn(state, action)
     _store(tree, selection, new, out, edge, depth, invalid, last_valid, uniform, config)
     _backup(tree, selection, new, depth, config)
 

@@ -24,7 +24,6 @@ are predicted in normalised units; `value_in_units` / `reward_in_units` convert 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,11 +185,7 @@ class PlannerModel(nn.Module):
         covariates = self.static_in((static - self.static_mean) / self.static_std).unsqueeze(1)
         tokens = torch.cat([covariates, steps], dim=1) + self.position.weight[: history.shape[1] + 1]
         padding = torch.cat([torch.zeros_like(history_mask[:, :1]), ~history_mask.bool()], dim=1)
-        # The causal and padding masks merged once into one additive mask per sample and head, rather
-        # than by every layer's attention (same result; ~13 % of an encoding on CPU).
-        blocked = causal_mask(tokens.shape[1], tokens.device) | padding.unsqueeze(1)  # [B, L+1, L+1]
-        mask = torch.zeros(blocked.shape, dtype=tokens.dtype, device=tokens.device).masked_fill_(blocked, -math.inf)
-        memory = self.encoder(tokens, mask=mask.repeat_interleave(self.config.n_heads, dim=0))
+        memory = self.encoder(tokens, mask=causal_mask(tokens.shape[1], tokens.device), src_key_padding_mask=padding)
         return memory, padding
 
     def unroll(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:

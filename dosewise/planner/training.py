@@ -164,7 +164,7 @@ def search_targets(
         gamma=gamma,
         max_depth=model.pre_len,
     )
-    # Inference mode skips autograd's bookkeeping on every op of the search (1.13x faster);
+    # Inference mode skips autograd's bookkeeping on every op of the search (1.09x, bench/mcts_ab.py);
     # the action leaves it as a normal tensor, as a training target must be.
     with torch.inference_mode():
         root, recurrent = planner_search_fns_from_memory(model, memory, padding)
