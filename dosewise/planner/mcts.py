@@ -655,6 +655,34 @@ def planner_search_fns(
     return planner_search_fns_from_memory(model, memory, padding, max_depth)
 
 
+class _TokenCache:
+    """Self-attention keys and values of every token the dynamics decodes in one search.
+
+    Slot-major, slots [layers, C, B, 2, h, d/h]: slot c holds the tokens of recurrent call c for
+    all B rows (a call decodes one token per row). A node's embedded state lists the slots of its
+    prefix's tokens, a page table (as vLLM's block tables), so the search stores and gathers D + 1
+    numbers per node instead of the prefix's keys and values (2 · layers · D · d numbers: 33 MB of
+    tree states at the default sizes, which pushed the history's keys and values out of the
+    cache). Reserves `reserved` slots and doubles when a search makes more calls.
+    """
+
+    def __init__(self, layers: int, rows: int, heads: int, head_dim: int, reserved: int, like: Tensor) -> None:
+        self.slots = like.new_empty(layers, reserved, rows, 2, heads, head_dim)
+        self.used = 0
+
+    def new_slot(self) -> int:
+        if self.used == self.slots.shape[1]:
+            self.slots = torch.cat([self.slots, torch.empty_like(self.slots)], dim=1)
+        self.used += 1
+        return self.used - 1
+
+    def prefix(self, layer: int, flat: Tensor) -> Tensor:
+        """Keys and values [B, D, 2, h, d/h] of the tokens at flat slot indices `flat` [B, D]
+        (slot · B + row)."""
+        slots = self.slots[layer, : self.used].flatten(0, 1)  # [used · B, 2, h, d/h]
+        return slots.index_select(0, flat.flatten()).view(*flat.shape, *slots.shape[1:])
+
+
 def planner_search_fns_from_memory(
     model: PlannerModel, memory: Tensor, memory_padding: Tensor, max_depth: int | None = None
 ) -> tuple[RootOutput, RecurrentFn]:
@@ -663,14 +691,16 @@ def planner_search_fns_from_memory(
     training step has computed anyway (it is detached).
 
     The dynamics is a causal transformer decoder over the action prefix, run here one token at a
-    time with a key/value cache (incremental decoding): a node's embedded state is the
-    self-attention keys and values of its prefix tokens in every decoder layer plus its depth,
-    state [B, n_layers · 2 · D · d + 1] float (the last entry is the depth, exact as a float).
-    recurrent_fn adds the token of the action at the node's depth, attends to the cached prefix
-    and to the encoded history (its keys and values projected once, here) and returns
-    s_{depth+1}: the same latent state as `model.unroll` on the prefix (up to rounding; tested).
-    Values and rewards are in units (`value_in_units`, `reward_in_units`). No gradients, no
-    dropout (the model as in eval mode).
+    time with a key/value cache (incremental decoding). The keys and values live in the
+    recurrent_fn's own token cache (`_TokenCache`); a node's embedded state is its page table,
+    state [B, D + 1] float: the cache slots of its prefix's tokens at depths 0..D-1 (entries at
+    and beyond its depth unused), then its depth (exact as floats). A state is meaningful to the
+    recurrent_fn that made it, and every recurrent_fn to one search: it keeps the tokens of all
+    its calls. recurrent_fn adds the token of the action at the node's depth, attends to the
+    cached prefix and to the encoded history (its keys and values projected once, here) and
+    returns s_{depth+1}: the same latent state as `model.unroll` on the prefix (up to rounding;
+    tested). Values and rewards are in units (`value_in_units`, `reward_in_units`). No
+    gradients, no dropout (the model as in eval mode).
     """
     depth_max = model.pre_len if max_depth is None else max_depth
     if not 1 <= depth_max <= model.pre_len:
@@ -695,45 +725,45 @@ def planner_search_fns_from_memory(
             cross.append((k.transpose(1, 2).contiguous(), v.contiguous()))
         memory_mask = torch.zeros(b, heads, 1, keys, dtype=memory.dtype, device=memory.device)
         memory_mask = memory_mask.masked_fill(memory_padding.view(b, 1, 1, keys), -math.inf).view(b * heads, 1, keys)
-        state_size = len(layers) * 2 * depth_max * d
         root = RootOutput(
             prior_logits=model.policy_logits(root_latent),
             value=model.value_in_units(model.value(root_latent)),
-            state=memory.new_zeros(b, state_size + 1),
+            state=memory.new_zeros(b, depth_max + 1),
         )
     positions = torch.arange(depth_max, device=memory.device)
+    rows_at = torch.arange(b, device=memory.device).unsqueeze(1)  # [B, 1]
+    tokens = _TokenCache(len(layers), b, heads, head_dim, reserved=64, like=memory)
 
     def recurrent_fn(state: Tensor, action: Tensor) -> RecurrentOutput:
         with torch.no_grad():
-            rows = state.shape[0]
             depth = state[:, -1].long()  # [B]
-            next_state = state.clone()  # the child's cache: the parent's plus this token's keys/values
-            cache = next_state[:, :-1].view(rows, len(layers), 2, depth_max, heads, head_dim)
+            slot = tokens.new_slot()
+            next_state = state.clone()  # the child's page table: the parent's plus this token's slot
+            next_state.scatter_(1, depth.unsqueeze(1), float(slot))
+            next_state[:, -1] += 1
+            flat = next_state[:, :-1].long() * b + rows_at  # [B, D] flat slots of the prefix
             action = action.long().clamp(0, RATE_MAX)
             x = root_token + model.step.weight[depth]
             x = x + sum(embed(action[:, j]) for j, embed in enumerate(model.action_embed))  # [B, d]
-            at = torch.arange(rows, device=state.device)
-            hidden = torch.zeros(rows, depth_max, 1, dtype=x.dtype, device=x.device)
+            hidden = torch.zeros(b, depth_max, 1, dtype=x.dtype, device=x.device)
             hidden = hidden.masked_fill((positions > depth.unsqueeze(1)).unsqueeze(-1), -math.inf)  # [B, D, 1]
             for i, layer in enumerate(layers):
                 # Causal self-attention: the new token against the cached prefix and itself.
                 attn = layer.self_attn
-                qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
-                q, k, v = qkv.view(rows, 3, heads, head_dim).unbind(1)  # [B, h, d/h] each
-                cache[at, i, 0, depth] = k
-                cache[at, i, 1, depth] = v
-                weights = ((q.unsqueeze(1) * cache[:, i, 0]).sum(-1) * scale + hidden).softmax(1)  # [B, D, h]
-                out = (weights.unsqueeze(-1) * cache[:, i, 1]).sum(1)  # [B, h, d/h]
-                x = x + attn.out_proj(out.reshape(rows, d))
+                qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).view(b, 3, heads, head_dim)
+                tokens.slots[i, slot] = qkv[:, 1:]
+                k, v = tokens.prefix(i, flat).unbind(2)  # [B, D, h, d/h] each
+                weights = ((qkv[:, :1] * k).sum(-1) * scale + hidden).softmax(1)  # [B, D, h]
+                out = (weights.unsqueeze(-1) * v).sum(1)  # [B, h, d/h]
+                x = x + attn.out_proj(out.reshape(b, d))
                 # Cross-attention to the encoded history.
                 attn = layer.multihead_attn
                 q = F.linear(layer.norm2(x), attn.in_proj_weight[:d], attn.in_proj_bias[:d])
-                q = q.view(rows * heads, 1, head_dim)
+                q = q.view(b * heads, 1, head_dim)
                 weights = torch.baddbmm(memory_mask, q, cross[i][0], alpha=scale).softmax(-1)  # [B·h, 1, L+1]
-                x = x + attn.out_proj(torch.bmm(weights, cross[i][1]).view(rows, d))
+                x = x + attn.out_proj(torch.bmm(weights, cross[i][1]).view(b, d))
                 x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
             latent = model.dynamics.norm(x)  # [B, d] s_{depth+1}
-            next_state[:, -1] += 1
             return RecurrentOutput(
                 reward=model.reward_in_units(model.reward_head(latent).squeeze(-1)),
                 value=model.value_in_units(model.value(latent)),

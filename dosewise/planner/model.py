@@ -24,10 +24,12 @@ are predicted in normalised units; `value_in_units` / `reward_in_units` convert 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dosewise.data.anesthesia import RATE_MAX
@@ -185,8 +187,31 @@ class PlannerModel(nn.Module):
         covariates = self.static_in((static - self.static_mean) / self.static_std).unsqueeze(1)
         tokens = torch.cat([covariates, steps], dim=1) + self.position.weight[: history.shape[1] + 1]
         padding = torch.cat([torch.zeros_like(history_mask[:, :1]), ~history_mask.bool()], dim=1)
-        memory = self.encoder(tokens, mask=causal_mask(tokens.shape[1], tokens.device), src_key_padding_mask=padding)
-        return memory, padding
+        return self.encode(tokens, padding), padding
+
+    def encode(self, tokens: Tensor, padding: Tensor) -> Tensor:
+        """The encoder on tokens [B, n, d] with key padding [B, n] bool (True = padding), causal.
+
+        `self.encoder` written out (its layers are norm_first, GELU): equal to
+        `self.encoder(tokens, mask=causal_mask(n), src_key_padding_mask=padding)` (tested), dropout
+        included, but one boolean mask serves every layer and attention runs in
+        `scaled_dot_product_attention`. The module merges the two masks into a float mask in every
+        layer, and in eval mode takes a fast path whose masked softmax is slower still:
+        `bench/planner_encoder.py` times both.
+        """
+        b, n, d = tokens.shape
+        heads = self.config.n_heads
+        blocked = causal_mask(n, tokens.device) | padding.view(b, 1, 1, n)  # [B, 1, n, n]
+        attend = torch.zeros(blocked.shape, dtype=tokens.dtype, device=tokens.device).masked_fill_(blocked, -math.inf)
+        x = tokens
+        for layer in self.encoder.layers:
+            attn = layer.self_attn
+            qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+            q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # [B, h, n, d/h] each
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=attn.dropout if self.training else 0.0)
+            x = x + layer.dropout1(attn.out_proj(out.transpose(1, 2).reshape(b, n, d)))
+            x = x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(x))))))
+        return self.encoder.norm(x)
 
     def unroll(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
         """Latent states after each action pair: actions [B, k, 2] int (k <= K) -> [B, k, d],

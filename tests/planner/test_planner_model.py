@@ -9,6 +9,7 @@ from dosewise.planner.model import (
     RATE_LEVELS,
     PlannerModel,
     PlannerStats,
+    causal_mask,
     expected_class,
 )
 from tests.planner.conftest import tiny_run
@@ -41,6 +42,29 @@ def test_output_shapes(tiny_windows, tiny_batch):
     assert model.act(*inputs(tiny_batch)).shape == (b, 2)
     bis = expected_class(out.bis_logits)
     assert ((bis >= 0) & (bis <= 100)).all()
+
+
+def test_written_out_encoder_equals_the_module(tiny_windows, tiny_batch):
+    """`encode` = nn.TransformerEncoder with the causal and padding masks, in eval mode (the
+    module's fast path) and in training (its autograd path), outputs and gradients."""
+    model = make_model(tiny_windows).double()
+    b, n, d = 6, model.max_len + 1, model.config.d_model
+    tokens = torch.randn(b, n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    padding = torch.arange(n) < torch.tensor([0, 1, 5, 20, n - 3, n - 1]).unsqueeze(1)  # left padding
+    padding[:, 0] = False  # the covariate token is never padding
+    for training in (False, True):
+        model.train(training)
+        ours = tokens.clone().requires_grad_()
+        theirs = tokens.clone().requires_grad_()
+        out = model.encode(ours, padding)
+        expected = model.encoder(theirs, mask=causal_mask(n), src_key_padding_mask=padding)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        if training:
+            weights = torch.randn_like(out)
+            grads = [torch.autograd.grad((y * weights).sum(), [x, *model.encoder.parameters()])
+                     for x, y in ((ours, out), (theirs, expected))]
+            for a, e in zip(*grads):
+                torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
 
 def test_representation_is_causal(tiny_windows, tiny_batch):
