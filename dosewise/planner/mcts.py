@@ -70,6 +70,9 @@ from dosewise.data.anesthesia import RATE_MAX
 from dosewise.planner.model import PlannerModel
 
 ROOT_INDEX = 0  # the root is node 0 of every tree
+# Fields of `Tree.children_stats`: every child's statistics, kept in its parent's row so that a
+# selection step reads one row per tree instead of gathering each child's node.
+VISITS, VALUE_SUMS, REWARDS, PRIORS, BARRED = range(5)
 UNVISITED = -1  # child index of a child that has no node yet; parent of the root / unused nodes
 N_DRUGS = 2  # propofol, remifentanil
 EPSILON = 1e-8  # smallest min-max range
@@ -204,7 +207,9 @@ class Tree:
     children_actions: Tensor  # [B, N, k, 2] long: joint action (levels) of each sampled child
     children_logits: Tensor  # [B, N, k] float: joint log-prior at the root, log draw count elsewhere;
     # -inf = invalid / a copy / no child
-    children_priors: Tensor  # [B, N, k] float: softmax of children_logits (0 where -inf)
+    children_stats: Tensor  # [B, N, 5, k] float, per child (fields VISITS ... BARRED): its node's
+    # visits and value sum (both 0 until it has a node), the reward on its edge, its prior
+    # (softmax of children_logits, 0 where -inf), and 0 / -inf where it may / may not be chosen
     min_q: Tensor  # [B] float: smallest Q seen in the tree (min-max normalisation)
     max_q: Tensor  # [B] float: largest Q seen in the tree
     row_offsets: Tensor  # [B] long: b · N, to index the tree's tensors flattened over (B, N)
@@ -213,6 +218,11 @@ class Tree:
     def values(self) -> Tensor:
         """[B, N] mean backed-up value of every node (0 for unused nodes)."""
         return self.value_sums / self.node_visits.clamp(min=1)
+
+    @property
+    def children_priors(self) -> Tensor:
+        """[B, N, k] float: the children's priors (a view of children_stats)."""
+        return self.children_stats[:, :, PRIORS]
 
 
 @dataclass(frozen=True)
@@ -348,31 +358,27 @@ def _flat(tree: Tree, node: Tensor) -> Tensor:
     return tree.row_offsets + node
 
 
-def _children_stats(tree: Tree, at: Tensor | None, gamma: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Of the children of one node per tree (`_take`'s `at`): their node indices [B, k],
-    visited [B, k] bool, visits [B, k] float, Q = r + γV [B, k] (meaningless where unvisited)."""
-    kids = _take(tree.children_index, at)  # [B, k]
-    visited = kids != UNVISITED
-    safe = kids.clamp(min=0)
-    visits = tree.node_visits.gather(1, safe) * visited  # 0 where unvisited
-    q = tree.rewards.gather(1, safe) + gamma * (tree.value_sums.gather(1, safe) / visits.clamp(min=1))
-    return kids, visited, visits, q
+def _children_stats(tree: Tree, at: Tensor | None, gamma: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Of the children of one node per tree (`_take`'s `at`), each [B, k]: visited (bool),
+    visits, Q = r + γV (meaningless where unvisited), prior, and 0 / -inf (may / may not be
+    chosen)."""
+    visits, value_sums, rewards, priors, barred = _take(tree.children_stats, at).unbind(1)
+    q = rewards + gamma * (value_sums / visits.clamp(min=1))
+    return visits > 0, visits, q, priors, barred
 
 
-def _puct_scores(tree: Tree, at: Tensor | None, low: Tensor, span: Tensor, config: MCTSConfig) -> tuple[Tensor, Tensor]:
+def _puct_scores(tree: Tree, at: Tensor | None, low: Tensor, span: Tensor, config: MCTSConfig) -> Tensor:
     """pUCT scores [B, k] of the children of one node per tree (`_take`'s `at`), -inf for invalid
-    children, and the children's node indices [B, k]. low, span [B, 1]: the tree's min Q and
-    max - min."""
-    kids, visited, visits, q = _children_stats(tree, at, config.gamma)
+    children. low, span [B, 1]: the tree's min Q and max - min."""
+    visited, visits, q, priors, barred = _children_stats(tree, at, config.gamma)
     node_visits = _take(tree.node_visits, at)  # [B]
     if config.unvisited_q == "parent":
         parent_value = _take(tree.value_sums, at) / node_visits.clamp(min=1)  # [B]
-        q = torch.where(visited, q, parent_value.unsqueeze(1))
-        q_hat = (q - low) / span
+        q_hat = (torch.where(visited, q, parent_value.unsqueeze(1)) - low) / span
     else:
         q_hat = torch.where(visited, (q - low) / span, 0.0)
-    explore = config.c_puct * _take(tree.children_priors, at) * node_visits.sqrt().unsqueeze(1) / (1 + visits)
-    return torch.where(_take(tree.children_logits, at) > -math.inf, q_hat + explore, -math.inf), kids
+    explore = config.c_puct * priors * node_visits.sqrt().unsqueeze(1) / (1 + visits)
+    return q_hat + explore + barred
 
 
 @dataclass(frozen=True)
@@ -385,9 +391,8 @@ class _RootScores:
 
 def _gumbel_root_scores(tree: Tree, root_gumbel: Tensor | float, config: MCTSConfig) -> _RootScores:
     """Gumbel MuZero's root quantities; root_gumbel [B, k] is the g of the root's children."""
-    _, visited, visits, q = _children_stats(tree, None, config.gamma)
+    visited, visits, q, prior, _ = _children_stats(tree, None, config.gamma)
     logits = tree.children_logits[:, ROOT_INDEX]
-    prior = tree.children_priors[:, ROOT_INDEX]
     valid = logits > -math.inf
     # Mixed value: (v̂ + ΣN · Σ_visited π·q / Σ_visited π) / (ΣN + 1).
     total_visits = visits.sum(-1)
@@ -424,7 +429,7 @@ def _init_tree(root: RootOutput, config: MCTSConfig) -> Tree:
         children_index=torch.full((b, n, k), UNVISITED, dtype=torch.long, device=device),
         children_actions=torch.zeros(b, n, k, N_DRUGS, dtype=torch.long, device=device),
         children_logits=value.new_full((b, n, k), -math.inf),
-        children_priors=value.new_zeros(b, n, k),
+        children_stats=value.new_zeros(b, n, 5, k),
         min_q=value.clone(),
         max_q=value.clone(),
         row_offsets=torch.arange(b, device=device) * n,
@@ -448,7 +453,8 @@ def _write_children(tree: Tree, node: int, actions: Tensor, logits: Tensor, prio
         priors = torch.where(keep.unsqueeze(1), priors, 0.0)
     tree.children_actions[:, node] = actions
     tree.children_logits[:, node] = logits
-    tree.children_priors[:, node] = priors
+    tree.children_stats[:, node, PRIORS] = priors
+    tree.children_stats[:, node, BARRED] = torch.where(logits > -math.inf, 0.0, -math.inf)
 
 
 # -- the search ------------------------------------------------------------------------------------
@@ -459,6 +465,7 @@ class _Selection:
     """Where one simulation's descent ended, in every tree."""
 
     path: Tensor  # [B, D+1] long: node at each depth from the root (meaningful up to the end)
+    slots: Tensor  # [B, D] long: the child taken at each depth, path[d+1] = child slots[d] of path[d]
     node: Tensor  # [B] long: the last node reached (the parent of the expansion, if any)
     slot: Tensor  # [B] long: which child of `node` to expand (where expand)
     expand: Tensor  # [B] bool: ended at an unexpanded child; False: at a node of max depth
@@ -466,26 +473,30 @@ class _Selection:
 
 def _select(tree: Tree, config: MCTSConfig, root_child: Tensor, low: Tensor, span: Tensor) -> _Selection:
     """Descend from the root (its child root_child [B] first, then by pUCT; low, span [B, 1]: the
-    tree's min Q and range) until an unexpanded child or a node of max depth. Rows that have
-    stopped keep their node through the remaining depths."""
-    b, device = root_child.shape[0], root_child.device
-    path = torch.zeros(b, config.max_depth + 1, dtype=torch.long, device=device)
-    child = tree.children_index[:, ROOT_INDEX].gather(1, root_child.unsqueeze(1)).squeeze(1)
-    expand = child == UNVISITED
-    descending = ~expand
-    node = torch.where(descending, child, ROOT_INDEX)
-    slot = root_child
-    path[:, 1] = node
-    for depth in range(1, config.max_depth):
-        scores, kids = _puct_scores(tree, _flat(tree, node), low, span, config)
-        chosen = scores.argmax(-1)
-        child = kids.gather(1, chosen.unsqueeze(1)).squeeze(1)
-        stop = descending & (child == UNVISITED)
-        slot = torch.where(stop, chosen, slot)
-        expand, descending = expand | stop, descending & ~stop
-        node = torch.where(descending, child, node)
+    tree's min Q and range) until an unexpanded child or a node of max depth.
+
+    A row that reaches an unexpanded child stays at its node for the remaining depths: nothing
+    changes during a descent, so pUCT there keeps choosing that child (a row stopped at the root
+    keeps root_child, which under Gumbel selection is not pUCT's choice). The last depth's choice
+    is thus every row's expansion, with no per-row bookkeeping.
+    """
+    b, k = root_child.shape[0], tree.children_index.shape[-1]
+    children = tree.children_index.view(-1)  # flat over (B, N, k)
+    path = root_child.new_zeros(b, config.max_depth + 1)
+    slots = root_child.new_empty(b, config.max_depth)
+    node, at, chosen = root_child.new_zeros(b), tree.row_offsets, root_child  # at the root
+    for depth in range(config.max_depth):
+        if depth > 0:
+            chosen = _puct_scores(tree, at, low, span, config).argmax(-1)
+            if config.root_selection == "gumbel":
+                chosen = torch.where(node == ROOT_INDEX, root_child, chosen)
+        child = children.index_select(0, at * k + chosen)
+        unexpanded = child == UNVISITED
+        node = torch.where(unexpanded, node, child)
+        at = tree.row_offsets + node
+        slots[:, depth] = chosen
         path[:, depth + 1] = node
-    return _Selection(path, node, slot, expand)
+    return _Selection(path, slots, node, chosen, unexpanded)
 
 
 def _model_inputs(tree: Tree, selection: _Selection) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -510,16 +521,20 @@ def _store(tree: Tree, selection: _Selection, new: int, out: RecurrentOutput, ed
     b, n_nodes, k = tree.children_index.shape
     expand = selection.expand
     tree.states[:, new] = out.state
-    tree.rewards[:, new] = torch.where(expand, out.reward.to(tree.rewards.dtype), 0.0)
+    reward = torch.where(expand, out.reward.to(tree.rewards.dtype), 0.0)
+    tree.rewards[:, new] = reward
     tree.raw_values[:, new] = torch.where(expand, out.value.to(tree.rewards.dtype), 0.0)
     tree.depths[:, new] = torch.where(expand, depth, 0)
     tree.parents[:, new] = torch.where(expand, selection.node, UNVISITED)
     actions, logits, priors = sample_iid_children(out.prior_logits, invalid, last_valid, uniform)
     _write_children(tree, new, actions, logits, priors, expand & (depth < config.max_depth))
-    # Link the new node to its parent; other rows write UNVISITED into the new node's first slot.
+    # Link the new node to its parent and put its reward on the edge; rows that did not expand
+    # write UNVISITED and 0 into the unused new node's first slot.
     tree.children_index.view(b, n_nodes * k).scatter_(
         1, torch.where(expand, edge, new * k).unsqueeze(1), torch.where(expand, new, UNVISITED).unsqueeze(1)
     )
+    cell = torch.where(expand, selection.node * (5 * k) + selection.slot, new * (5 * k)) + REWARDS * k
+    tree.children_stats.view(b, -1).scatter_(1, cell.unsqueeze(1), reward.unsqueeze(1))
 
 
 def _backup(tree: Tree, selection: _Selection, new: int, new_depth: Tensor, config: MCTSConfig) -> None:
@@ -540,6 +555,12 @@ def _backup(tree: Tree, selection: _Selection, new: int, new_depth: Tensor, conf
             ret = torch.where(on_path[:, depth], path_rewards[:, depth] + gamma * ret, ret)
     tree.node_visits.scatter_add_(1, path, on_path.to(tree.node_visits.dtype))  # off the path: + 0
     tree.value_sums.scatter_add_(1, path, torch.where(on_path, returns, 0.0))
+    # The same into the parents' rows: the edge into depth d + 1 is child slots[d] of path[d].
+    k = tree.children_index.shape[-1]
+    cells = path[:, :-1] * (5 * k) + selection.slots  # [B, D] field VISITS
+    stats, entered = tree.children_stats.view(path.shape[0], -1), on_path[:, 1:]
+    stats.scatter_add_(1, cells + VISITS * k, entered.to(stats.dtype))
+    stats.scatter_add_(1, cells + VALUE_SUMS * k, torch.where(entered, returns[:, 1:], 0.0))
     q = path_rewards + gamma * (tree.value_sums.gather(1, path) / tree.node_visits.gather(1, path).clamp(min=1))
     on_edge = on_path & (depth_range >= 1)
     torch.minimum(tree.min_q, torch.where(on_edge, q, math.inf).amin(1), out=tree.min_q)
@@ -606,7 +627,7 @@ def _simulate(tree: Tree, new: int, recurrent_fn: RecurrentFn, invalid: Tensor, 
     unused where the descent ends at a max-depth node) and back up."""
     low, span = tree.min_q.unsqueeze(1), (tree.max_q - tree.min_q).clamp(min=EPSILON).unsqueeze(1)
     if root_gumbel is None:
-        root_child = _puct_scores(tree, None, low, span, config)[0].argmax(-1)
+        root_child = _puct_scores(tree, None, low, span, config).argmax(-1)
     else:  # sequential halving: the best child among those with the scheduled visit count
         root_child = _argmax_considered(_gumbel_root_scores(tree, root_gumbel, config), considered_visit)
     selection = _select(tree, config, root_child, low, span)
