@@ -236,9 +236,12 @@ def logging_off() -> None:
 
 def profile(repeats: int = 3) -> dict:
     """Where one batched search (pUCT, from the encoded history) spends its time: wall ms per
-    phase of `dosewise.planner.mcts`, the last of `repeats` runs (phases nest: `_store` holds
-    the child sampling)."""
+    phase of `dosewise.planner.mcts`, the last of `repeats` runs, and the ATen operations each
+    phase dispatches per simulation (counted in one more, untimed run). Phases nest: `_store`
+    holds the child sampling; an operation counts for the innermost phase."""
     import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     import dosewise.planner.mcts as mcts_module
 
@@ -249,17 +252,31 @@ def profile(repeats: int = 3) -> dict:
     config = MCTSConfig()
     noise = draw_noise(BATCH, config, torch.Generator().manual_seed(0))
     spent: dict[str, float] = collections.defaultdict(float)
-    phases = ("_select", "_model_inputs", "_store", "sample_iid_children", "_backup", "sample_distinct_children", "_result")
+    ops: collections.Counter = collections.Counter()
+    inside = ["search"]  # the phase now running, innermost last
+    phases = ("_puct_scores", "_select", "_model_inputs", "_store", "sample_iid_children", "_backup",
+              "sample_distinct_children", "_result")
     originals = {name: getattr(mcts_module, name) for name in phases}
 
     def timed(name, function):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
+            inside.append(name)
             try:
                 return function(*args, **kwargs)
             finally:
+                inside.pop()
                 spent[name] += time.perf_counter() - start
         return wrapper
+
+    class CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops[inside[-1]] += 1
+            return func(*args, **(kwargs or {}))
+
+    def run(recurrent):
+        with torch.inference_mode():
+            search(root, timed("model", recurrent), config, invalid, noise)
 
     root, recurrent = planner_search_fns_from_memory(model, memory, padding)
     try:
@@ -268,13 +285,18 @@ def profile(repeats: int = 3) -> dict:
         for _ in range(repeats):
             spent.clear()
             start = time.perf_counter()
-            with torch.inference_mode():
-                search(root, timed("model", recurrent), config, invalid, noise)
+            run(recurrent)
             total = time.perf_counter() - start
+        timings = dict(spent)
+        root, recurrent = planner_search_fns_from_memory(model, memory, padding)
+        with CountOps():
+            run(recurrent)
     finally:
         for name, function in originals.items():
             setattr(mcts_module, name, function)
-    return {"total_ms": 1e3 * total, "phases_ms": {name: 1e3 * value for name, value in spent.items()}}
+    per_simulation = {name: count / config.num_simulations for name, count in ops.items()}
+    return {"total_ms": 1e3 * total, "phases_ms": {name: 1e3 * value for name, value in timings.items()},
+            "ops_per_simulation": per_simulation}
 
 
 def main() -> None:
@@ -287,9 +309,13 @@ def main() -> None:
     keep_freed_memory()  # as the dosewise CLI does; for the batched search and the reference alike
     if args.profile:
         split = profile()
-        print(f"one batched search, batch {BATCH}, 50 simulations: {split['total_ms']:.0f} ms")
+        ops = split["ops_per_simulation"]
+        print(f"one batched search, batch {BATCH}, 50 simulations: {split['total_ms']:.0f} ms, "
+              f"{sum(ops.values()):.0f} ATen operations per simulation")
+        print(f"  {'phase (nested)':<26} {'ms':>7} {'share':>7} {'ops/sim':>8} (own, not nested)")
         for name, ms in sorted(split["phases_ms"].items(), key=lambda item: -item[1]):
-            print(f"  {name:<16} {ms:7.1f} ms  {100 * ms / split['total_ms']:5.1f} %")
+            print(f"  {name:<26} {ms:7.1f} {100 * ms / split['total_ms']:6.1f}% {ops.get(name, 0):8.1f}")
+        print(f"  {'search (the rest)':<26} {'':>7} {'':>7} {ops.get('search', 0):8.1f}")
         return
     r = benchmark(args.quick)
     overhead = training_epoch_overhead(args.quick)
