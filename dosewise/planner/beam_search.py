@@ -114,7 +114,7 @@ def beam_search(
             padding.repeat_interleave(width * k, dim=0),
             extended.flatten(0, 1),
         )[:, -1].view(b, width * k, -1)  # [B, W·k, d]
-        gain = model.reward_in_units(model.reward_head(reached).squeeze(-1)) + model.value_in_units(model.value(reached))
+        gain = model.reward_in_units(model.reward(reached)) + model.value_in_units(model.value(reached))
         candidate = scores.repeat_interleave(k, dim=1) + config.gamma**depth * gain  # [B, W·k]
         candidate = candidate.masked_fill(~torch.isfinite(log_prob.flatten(1)), float("-inf"))  # masked levels
         scores, keep = candidate.topk(min(config.beam_width, width * k), dim=1)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dosewise import onednn
 from dosewise.data.anesthesia import RATE_MAX
 from dosewise.data.windows import BIS_MAX, MAP_MAX, Windows
 from dosewise.planner.config import PlannerModelConfig
@@ -145,6 +146,8 @@ class PlannerModel(nn.Module):
         self.reward_head = _mlp(d, d, 1)
         self.bis_head = nn.Linear(d, BIS_MAX + 1)
         self.map_head = nn.Linear(d, MAP_MAX + 1)
+        # oneDNN packs of the weights for products without autograd (`dosewise.onednn`; not state).
+        self.packed = onednn.PackedWeights()
 
     # -- statistics ---------------------------------------------------------------------------
 
@@ -200,17 +203,19 @@ class PlannerModel(nn.Module):
         `bench/planner_encoder.py` times both.
         """
         b, n, d = tokens.shape
-        heads = self.config.n_heads
+        heads, packed = self.config.n_heads, self.packed
         blocked = causal_mask(n, tokens.device) | padding.view(b, 1, 1, n)  # [B, 1, n, n]
         attend = torch.zeros(blocked.shape, dtype=tokens.dtype, device=tokens.device).masked_fill_(blocked, -math.inf)
         x = tokens
         for layer in self.encoder.layers:
             attn = layer.self_attn
-            qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+            qkv = onednn.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias, packed)
             q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # [B, h, n, d/h] each
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=attn.dropout if self.training else 0.0)
-            x = x + layer.dropout1(attn.out_proj(out.transpose(1, 2).reshape(b, n, d)))
-            x = x + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(x))))))
+            out = onednn.linear(out.transpose(1, 2).reshape(b, n, d), attn.out_proj.weight, attn.out_proj.bias, packed)
+            x = x + layer.dropout1(out)
+            hidden = layer.dropout(onednn.linear(layer.norm2(x), layer.linear1.weight, layer.linear1.bias, packed, "gelu"))
+            x = x + layer.dropout2(onednn.linear(hidden, layer.linear2.weight, layer.linear2.bias, packed))
         return self.encoder.norm(x)
 
     def unroll(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
@@ -224,13 +229,23 @@ class PlannerModel(nn.Module):
             tokens, memory, tgt_mask=causal_mask(k, tokens.device), memory_key_padding_mask=memory_padding
         )
 
+    def _head(self, head: nn.Sequential, states: Tensor) -> Tensor:
+        """A `_mlp` head (Linear, GELU, Linear), its products through `onednn.linear`."""
+        first, last = head[0], head[2]
+        hidden = onednn.linear(states, first.weight, first.bias, self.packed, "gelu")
+        return onednn.linear(hidden, last.weight, last.bias, self.packed)
+
     def policy_logits(self, states: Tensor) -> Tensor:
         """states [..., d] -> [..., 2, A]."""
-        return self.policy_head(states).unflatten(-1, (N_DRUGS, RATE_LEVELS))
+        return self._head(self.policy_head, states).unflatten(-1, (N_DRUGS, RATE_LEVELS))
 
     def value(self, states: Tensor) -> Tensor:
         """states [..., d] -> [...] normalised value."""
-        return self.value_head(states).squeeze(-1)
+        return self._head(self.value_head, states).squeeze(-1)
+
+    def reward(self, states: Tensor) -> Tensor:
+        """states [..., d] (s_{k+1}) -> [...] normalised reward of the action that led there."""
+        return self._head(self.reward_head, states).squeeze(-1)
 
     def forward(self, history: Tensor, history_mask: Tensor, static: Tensor, actions: Tensor) -> PlannerOutput:
         """Unroll the dynamics with the given actions [B, K, 2] (the true ones in Stage 1)."""
@@ -241,7 +256,7 @@ class PlannerModel(nn.Module):
         return PlannerOutput(
             policy_logits=self.policy_logits(before),
             value=self.value(before),
-            reward=self.reward_head(after).squeeze(-1),
+            reward=self.reward(after),
             bis_logits=self.bis_head(after),
             map_logits=self.map_head(after),
             states=states,

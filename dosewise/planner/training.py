@@ -133,7 +133,7 @@ def one_step_q(model: PlannerModel, memory: Tensor, padding: Tensor, actions: li
     per set."""
     n = len(actions)
     reached = model.unroll(memory.repeat(n, 1, 1), padding.repeat(n, 1), torch.cat(actions).unsqueeze(1))[:, 0]
-    reward = model.reward_in_units(model.reward_head(reached).squeeze(-1))
+    reward = model.reward_in_units(model.reward(reached))
     q = (reward + gamma * model.value_in_units(model.value(reached))) / model.return_std
     return list(q.chunk(n))
 

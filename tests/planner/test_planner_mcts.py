@@ -23,6 +23,7 @@ from dosewise.planner.mcts import (
     sample_iid_children,
     search,
 )
+from dosewise.planner.config import PlannerModelConfig
 from dosewise.planner.mcts_reference import reference_search_rows
 from dosewise.planner.model import RATE_LEVELS, PlannerModel, PlannerStats
 from tests.planner.conftest import tiny_run
@@ -322,6 +323,55 @@ def test_planner_adapter_matches_direct_unroll(tiny_windows, tiny_batch):
         torch.testing.assert_close(out.prior_logits, model.policy_logits(latent))
         state = out.state
         assert state[:, -1].eq(step + 1).all()
+
+
+def test_planner_adapter_matches_direct_unroll_default_model_float32():
+    """The default model (two encoder and two decoder layers, d 64) in float32 on 128 windows,
+    where the adapter's products run on oneDNN (`dosewise.onednn`) and the module's on MKL."""
+    torch.manual_seed(0)
+    b, length, pre_len = 128, 64, 5
+    model = PlannerModel(PlannerModelConfig(), max_len=length, pre_len=pre_len).eval()
+    history = torch.cat([torch.randn(b, length, 5), torch.randint(0, 80, (b, length, 2)).float(),
+                         torch.zeros(b, length, 1)], dim=-1)
+    mask = torch.arange(length) >= torch.randint(0, length - 5, (b, 1))  # left padding
+    static = torch.randn(b, 5)
+    actions = torch.randint(0, RATE_LEVELS, (b, pre_len, 2))
+    root, recurrent_fn = planner_search_fns(model, history, mask, static)
+    with torch.no_grad():
+        memory = model.encoder(*_encoder_inputs(model, history, mask, static))  # the module, not encode
+        padding = torch.cat([torch.zeros(b, 1, dtype=torch.bool), ~mask], dim=1)
+        torch.testing.assert_close(root.prior_logits, model.policy_head(memory[:, -1]).unflatten(-1, (2, RATE_LEVELS)),
+                                   rtol=1e-4, atol=1e-4)
+        direct = model.unroll(memory, padding, actions)
+    state = root.state
+    for step in range(pre_len):
+        out = recurrent_fn(state, actions[:, step])
+        latent = direct[:, step]
+        torch.testing.assert_close(out.prior_logits, model.policy_head(latent).unflatten(-1, (2, RATE_LEVELS)),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.value, model.value_in_units(model.value_head(latent).squeeze(-1)),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.reward, model.reward_in_units(model.reward_head(latent).squeeze(-1)),
+                                   rtol=1e-4, atol=1e-4)
+        state = out.state
+
+
+def _encoder_inputs(model: PlannerModel, history, mask, static):
+    """The encoder module's arguments as `represent` builds them (tokens, causal mask, padding)."""
+    captured = {}
+
+    def capture(tokens, padding):
+        captured.update(tokens=tokens, padding=padding)
+        return tokens
+
+    model.encode = capture
+    try:
+        model.represent(history, mask, static)
+    finally:
+        del model.encode
+    n = captured["tokens"].shape[1]
+    causal = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+    return captured["tokens"], causal, captured["padding"]
 
 
 @pytest.mark.parametrize("root_selection", ["puct", "gumbel"])
