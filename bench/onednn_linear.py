@@ -54,10 +54,10 @@ def main() -> None:
             weight, bias = torch.randn(d_out, d_in, generator=generator), torch.randn(d_out, generator=generator)
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
-            def mkl():
+            def mkl(x=x, weight=weight, bias=bias):
                 return F.linear(x, weight, bias)
 
-            def dnn():
+            def dnn(x=x, packed=packed, bias=bias):
                 return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
             repeats = max(20, min(2000, int(2e8 / (rows * d_in * d_out))))

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from dosewise.planner.config import PlannerModelConfig
 from dosewise.planner.mcts import (
     UNVISITED,
     MCTSConfig,
@@ -23,7 +24,6 @@ from dosewise.planner.mcts import (
     sample_iid_children,
     search,
 )
-from dosewise.planner.config import PlannerModelConfig
 from dosewise.planner.mcts_reference import reference_search_rows
 from dosewise.planner.model import RATE_LEVELS, PlannerModel, PlannerStats
 from tests.planner.conftest import tiny_run
