@@ -9,6 +9,12 @@ one thread each. Prints a table and writes JSON.
     dosewise simulate anesthesia --out cases.parquet
     python bench/planner_search.py --data cases.parquet [--quick] [--jobs 2] [--json OUT] [--figure PNG]
     python bench/planner_search.py --plot bench/results/planner_search.json --figure docs/figures/planner_search.png
+
+Other training seeds (initialisation and minibatch order; the case split, the held-out patients
+and the clinician stay the same), then the spread across seeds of every policy's mean:
+
+    python bench/planner_search.py --data cases.parquet --seed 1 --json bench/results/planner_search_seed1.json
+    python bench/planner_search.py --across bench/results/planner_search.json bench/results/planner_search_seed1.json ...
 """
 
 from __future__ import annotations
@@ -49,11 +55,11 @@ OUTCOMES = (
 )
 
 
-def runs(quick: bool) -> dict[str, PlannerRunConfig]:
+def runs(quick: bool, seed: int = 0) -> dict[str, PlannerRunConfig]:
     base = load_config("configs/planner_warmup.yaml", PlannerRunConfig)
     train = PlannerTrainConfig(
         **{**base.train.model_dump(), "epochs": 2 if quick else 12, "windows_per_epoch": 640 if quick else 6400,
-           "max_val_windows": 512 if quick else 4000}
+           "max_val_windows": 512 if quick else 4000, "seed": seed}
     )
     strategy = StrategyConfig(**{**base.strategy.model_dump(), "warmup_epochs": 1 if quick else 4})
     common = {"train": train, "strategy": strategy, "closed_loop": ClosedLoopConfig(cases=0)}
@@ -87,6 +93,37 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def across_seeds(paths: list[Path]) -> dict:
+    """Every policy's mean over the held-out cases, per training seed, and their mean and range
+    across seeds (one JSON per seed, from runs that differ only in --seed)."""
+    results = [json.loads(path.read_text()) for path in paths]
+    seeds = [r.get("seed", 0) for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--across needs runs of different seeds, got seeds {seeds} from {[str(p) for p in paths]}")
+    policies = [row["policy"] for row in results[0]["rows"]]
+    table = []
+    for policy in policies:
+        rows = [next(row for row in r["rows"] if row["policy"] == policy) for r in results]
+        entry = {"policy": policy}
+        for key, _ in OUTCOMES:
+            means = [row[key]["mean"] for row in rows]
+            entry[key] = {"mean": sum(means) / len(means), "min": min(means), "max": max(means), "per_seed": means}
+        rates = [row["activation_rate_last_epoch"] for row in rows]
+        entry["activation_rate_last_epoch"] = None if rates[0] is None else rates
+        table.append(entry)
+    return {"seeds": seeds, "runs": [str(p) for p in paths], "cases": results[0]["cases"], "rows": table}
+
+
+def print_across(summary: dict) -> None:
+    print(f"closed loop on {summary['cases']} held-out simulated cases, training seeds {summary['seeds']}: "
+          "mean over seeds of each seed's mean [lowest, highest seed]")
+    print(f"{'policy':<28}" + "".join(f"{label:>24}" for _, label in OUTCOMES) + f"{'MCTS activation':>20}")
+    for row in summary["rows"]:
+        cells = "".join(f"{row[k]['mean']:>9.1f} [{row[k]['min']:5.1f}, {row[k]['max']:5.1f}]" for k, _ in OUTCOMES)
+        rates = row["activation_rate_last_epoch"]
+        print(f"{row['policy']:<28}{cells}{'' if rates is None else '  ' + ' / '.join(f'{100 * r:.0f}%' for r in rates):>20}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plot", type=Path, help="only draw the figure of an earlier run's JSON")
@@ -97,7 +134,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cases", type=int, default=50, help="held-out simulated cases")
     parser.add_argument("--quick", action="store_true", help="2 epochs, 6 cases: a smoke run")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, minibatch order)")
+    parser.add_argument("--across", type=Path, nargs="+", help="only summarise earlier runs' JSONs across seeds")
     args = parser.parse_args()
+    if args.across:
+        summary = across_seeds(args.across)
+        print_across(summary)
+        out = args.json if args.json != parser.get_default("json") else Path("bench/results/planner_search_seeds.json")
+        out.write_text(json.dumps(summary, indent=2))
+        print(f"wrote {out}")
+        return
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.figure or args.plot.with_suffix(".png"))
         return
@@ -107,7 +153,7 @@ def main() -> None:
     cases = 6 if args.quick else args.cases
     started = time.perf_counter()
 
-    configs = runs(args.quick)
+    configs = runs(args.quick, args.seed)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
         futures = {
@@ -147,6 +193,7 @@ def main() -> None:
         })
     result = {
         "quick": args.quick,
+        "seed": args.seed,
         "data": str(args.data),
         "cases": cases,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread per job, {args.jobs} jobs",
@@ -158,7 +205,7 @@ def main() -> None:
         "summaries": {name: {k: v for k, v in s.items() if k != "history"} for name, s in summaries.items()},
     }
     header = f"{'policy':<28}" + "".join(f"{label:>24}" for _, label in OUTCOMES) + f"{'MCTS activation':>17}"
-    print(f"closed loop on {cases} held-out simulated cases (seed 2000): mean [95 % CI]")
+    print(f"closed loop on {cases} held-out simulated cases (seed 2000), training seed {args.seed}: mean [95 % CI]")
     print(header)
     for row in table:
         cells = "".join(

@@ -12,6 +12,7 @@ CPU, in other dtypes or without oneDNN, it is `F.linear`. The op,
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Literal
 
 import torch
@@ -25,8 +26,10 @@ MIN_MULTIPLY_ADDS = 1 << 20
 Activation = Literal["none", "gelu"]
 
 
+@cache
 def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
 
 
 class PackedWeights:
