@@ -100,6 +100,11 @@ def across_seeds(paths: list[Path]) -> dict:
     seeds = [r.get("seed", 0) for r in results]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--across needs runs of different seeds, got seeds {seeds} from {[str(p) for p in paths]}")
+    for key in ("cases", "quick", "data"):
+        values = [r.get(key) for r in results]
+        if len(set(map(str, values))) > 1:
+            raise SystemExit(f"--across needs runs that differ only in --seed; their {key!r} differ: "
+                             + ", ".join(f"{path}: {value}" for path, value in zip(paths, values)))
     policies = [row["policy"] for row in results[0]["rows"]]
     table = []
     for policy in policies:
