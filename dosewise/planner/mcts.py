@@ -741,7 +741,7 @@ def planner_search_fns_from_memory(
         cross = []
         for layer in layers:
             attn = layer.multihead_attn
-            kv = onednn.linear(memory, attn.in_proj_weight[d:], attn.in_proj_bias[d:], model.packed)  # [B, L+1, 2d]
+            kv = onednn.linear(memory, attn.in_proj_weight[d:], attn.in_proj_bias[d:])  # [B, L+1, 2d]
             k, v = kv.view(b, keys, 2, heads, head_dim).permute(2, 0, 3, 1, 4).reshape(2, b * heads, keys, head_dim)
             cross.append((k.transpose(1, 2).contiguous(), v.contiguous()))
         memory_mask = torch.zeros(b, heads, 1, keys, dtype=memory.dtype, device=memory.device)
@@ -754,7 +754,6 @@ def planner_search_fns_from_memory(
     positions = torch.arange(depth_max, device=memory.device)
     rows_at = torch.arange(b, device=memory.device).unsqueeze(1)  # [B, 1]
     tokens = _TokenCache(len(layers), b, heads, head_dim, reserved=64, like=memory)
-    packed = model.packed
 
     def recurrent_fn(state: Tensor, action: Tensor) -> RecurrentOutput:
         with torch.no_grad():
@@ -772,20 +771,20 @@ def planner_search_fns_from_memory(
             for i, layer in enumerate(layers):
                 # Causal self-attention: the new token against the cached prefix and itself.
                 attn = layer.self_attn
-                qkv = onednn.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias, packed).view(b, 3, heads, head_dim)
+                qkv = onednn.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).view(b, 3, heads, head_dim)
                 tokens.slots[i, slot] = qkv[:, 1:]
                 k, v = tokens.prefix(i, flat).unbind(2)  # [B, D, h, d/h] each
                 weights = ((qkv[:, :1] * k).sum(-1) * scale + hidden).softmax(1)  # [B, D, h]
                 out = (weights.unsqueeze(-1) * v).sum(1)  # [B, h, d/h]
-                x = x + onednn.linear(out.reshape(b, d), attn.out_proj.weight, attn.out_proj.bias, packed)
+                x = x + onednn.linear(out.reshape(b, d), attn.out_proj.weight, attn.out_proj.bias)
                 # Cross-attention to the encoded history.
                 attn = layer.multihead_attn
-                q = onednn.linear(layer.norm2(x), attn.in_proj_weight[:d], attn.in_proj_bias[:d], packed)
+                q = onednn.linear(layer.norm2(x), attn.in_proj_weight[:d], attn.in_proj_bias[:d])
                 q = q.view(b * heads, 1, head_dim)
                 weights = torch.baddbmm(memory_mask, q, cross[i][0], alpha=scale).softmax(-1)  # [B·h, 1, L+1]
-                x = x + onednn.linear(torch.bmm(weights, cross[i][1]).view(b, d), attn.out_proj.weight, attn.out_proj.bias, packed)
-                ff = onednn.linear(layer.norm3(x), layer.linear1.weight, layer.linear1.bias, packed, "gelu")
-                x = x + onednn.linear(ff, layer.linear2.weight, layer.linear2.bias, packed)
+                x = x + onednn.linear(torch.bmm(weights, cross[i][1]).view(b, d), attn.out_proj.weight, attn.out_proj.bias)
+                ff = onednn.linear(layer.norm3(x), layer.linear1.weight, layer.linear1.bias, "gelu")
+                x = x + onednn.linear(ff, layer.linear2.weight, layer.linear2.bias)
             latent = model.dynamics.norm(x)  # [B, d] s_{depth+1}
             return RecurrentOutput(
                 reward=model.reward_in_units(model.reward(latent)),

@@ -146,8 +146,6 @@ class PlannerModel(nn.Module):
         self.reward_head = _mlp(d, d, 1)
         self.bis_head = nn.Linear(d, BIS_MAX + 1)
         self.map_head = nn.Linear(d, MAP_MAX + 1)
-        # oneDNN packs of the weights for products without autograd (`dosewise.onednn`; not state).
-        self.packed = onednn.PackedWeights()
 
     # -- statistics ---------------------------------------------------------------------------
 
@@ -203,19 +201,19 @@ class PlannerModel(nn.Module):
         `bench/planner_encoder.py` times both.
         """
         b, n, d = tokens.shape
-        heads, packed = self.config.n_heads, self.packed
+        heads = self.config.n_heads
         blocked = causal_mask(n, tokens.device) | padding.view(b, 1, 1, n)  # [B, 1, n, n]
         attend = torch.zeros(blocked.shape, dtype=tokens.dtype, device=tokens.device).masked_fill_(blocked, -math.inf)
         x = tokens
         for layer in self.encoder.layers:
             attn = layer.self_attn
-            qkv = onednn.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias, packed)
+            qkv = onednn.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
             q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # [B, h, n, d/h] each
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=attn.dropout if self.training else 0.0)
-            out = onednn.linear(out.transpose(1, 2).reshape(b, n, d), attn.out_proj.weight, attn.out_proj.bias, packed)
+            out = onednn.linear(out.transpose(1, 2).reshape(b, n, d), attn.out_proj.weight, attn.out_proj.bias)
             x = x + layer.dropout1(out)
-            hidden = layer.dropout(onednn.linear(layer.norm2(x), layer.linear1.weight, layer.linear1.bias, packed, "gelu"))
-            x = x + layer.dropout2(onednn.linear(hidden, layer.linear2.weight, layer.linear2.bias, packed))
+            hidden = layer.dropout(onednn.linear(layer.norm2(x), layer.linear1.weight, layer.linear1.bias, "gelu"))
+            x = x + layer.dropout2(onednn.linear(hidden, layer.linear2.weight, layer.linear2.bias))
         return self.encoder.norm(x)
 
     def unroll(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
@@ -232,8 +230,8 @@ class PlannerModel(nn.Module):
     def _head(self, head: nn.Sequential, states: Tensor) -> Tensor:
         """A `_mlp` head (Linear, GELU, Linear), its products through `onednn.linear`."""
         first, last = head[0], head[2]
-        hidden = onednn.linear(states, first.weight, first.bias, self.packed, "gelu")
-        return onednn.linear(hidden, last.weight, last.bias, self.packed)
+        hidden = onednn.linear(states, first.weight, first.bias, "gelu")
+        return onednn.linear(hidden, last.weight, last.bias)
 
     def policy_logits(self, states: Tensor) -> Tensor:
         """states [..., d] -> [..., 2, A]."""
