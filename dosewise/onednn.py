@@ -51,4 +51,4 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: Activatio
         out = F.linear(x, weight, bias)
         return F.gelu(out) if activation == "gelu" else out
     algorithm = "none" if activation == "gelu" else ""  # exact (erf) GELU, as F.gelu's default
-    return torch.ops.mkldnn._linear_pointwise(x, weight.detach(), bias, activation, [], algorithm)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
