@@ -28,23 +28,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mcts import BATCH, planner_model, windows  # bench/mcts.py
 
 
-def tokens_and_padding(model, history, mask, static):
-    """The encoder's inputs exactly as `PlannerModel.represent` builds them."""
-    captured = {}
-
-    def capture(tokens, padding):
-        captured.update(tokens=tokens, padding=padding)
-        return tokens
-
-    model.encode = capture
-    try:
-        with torch.no_grad():
-            model.represent(history, mask, static)
-    finally:
-        del model.encode
-    return captured["tokens"], captured["padding"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -53,7 +36,8 @@ def main() -> None:
     torch.set_num_threads(1)
     keep_freed_memory()
     model = planner_model()
-    tokens, padding = tokens_and_padding(model, *windows(BATCH)[:3])
+    with torch.no_grad():
+        tokens, padding = model.tokens(*windows(BATCH)[:3])
     n = tokens.shape[1]
     mask = causal_mask(n)
 

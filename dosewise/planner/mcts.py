@@ -73,6 +73,7 @@ ROOT_INDEX = 0  # the root is node 0 of every tree
 # Fields of `Tree.children_stats`: every child's statistics, kept in its parent's row so that a
 # selection step reads one row per tree instead of gathering each child's node.
 VISITS, VALUE_SUMS, REWARDS, PRIORS, BARRED = range(5)
+CHILD_FIELDS = 5
 UNVISITED = -1  # child index of a child that has no node yet; parent of the root / unused nodes
 N_DRUGS = 2  # propofol, remifentanil
 EPSILON = 1e-8  # smallest min-max range
@@ -429,7 +430,7 @@ def _init_tree(root: RootOutput, config: MCTSConfig) -> Tree:
         children_index=torch.full((b, n, k), UNVISITED, dtype=torch.long, device=device),
         children_actions=torch.zeros(b, n, k, N_DRUGS, dtype=torch.long, device=device),
         children_logits=value.new_full((b, n, k), -math.inf),
-        children_stats=value.new_zeros(b, n, 5, k),
+        children_stats=value.new_zeros(b, n, CHILD_FIELDS, k),
         min_q=value.clone(),
         max_q=value.clone(),
         row_offsets=torch.arange(b, device=device) * n,
@@ -493,7 +494,7 @@ def _select(tree: Tree, config: MCTSConfig, root_child: Tensor, low: Tensor, spa
         child = children.index_select(0, at * k + chosen)
         unexpanded = child == UNVISITED
         node = torch.where(unexpanded, node, child)
-        at = tree.row_offsets + node
+        at = _flat(tree, node)
         slots[:, depth] = chosen
         path[:, depth + 1] = node
     return _Selection(path, slots, node, chosen, unexpanded)
@@ -533,7 +534,8 @@ def _store(tree: Tree, selection: _Selection, new: int, out: RecurrentOutput, ed
     tree.children_index.view(b, n_nodes * k).scatter_(
         1, torch.where(expand, edge, new * k).unsqueeze(1), torch.where(expand, new, UNVISITED).unsqueeze(1)
     )
-    cell = torch.where(expand, selection.node * (5 * k) + selection.slot, new * (5 * k)) + REWARDS * k
+    row = CHILD_FIELDS * k  # one node's children_stats, flat
+    cell = torch.where(expand, selection.node * row + selection.slot, new * row) + REWARDS * k
     tree.children_stats.view(b, -1).scatter_(1, cell.unsqueeze(1), reward.unsqueeze(1))
 
 
@@ -557,7 +559,7 @@ def _backup(tree: Tree, selection: _Selection, new: int, new_depth: Tensor, conf
     tree.value_sums.scatter_add_(1, path, torch.where(on_path, returns, 0.0))
     # The same into the parents' rows: the edge into depth d + 1 is child slots[d] of path[d].
     k = tree.children_index.shape[-1]
-    cells = path[:, :-1] * (5 * k) + selection.slots  # [B, D] field VISITS
+    cells = path[:, :-1] * (CHILD_FIELDS * k) + selection.slots  # [B, D] field VISITS
     stats, entered = tree.children_stats.view(path.shape[0], -1), on_path[:, 1:]
     stats.scatter_add_(1, cells + VISITS * k, entered.to(stats.dtype))
     stats.scatter_add_(1, cells + VALUE_SUMS * k, torch.where(entered, returns[:, 1:], 0.0))
@@ -766,15 +768,15 @@ def planner_search_fns_from_memory(
             action = action.long().clamp(0, RATE_MAX)
             x = root_token + model.step.weight[depth]
             x = x + sum(embed(action[:, j]) for j, embed in enumerate(model.action_embed))  # [B, d]
-            hidden = torch.zeros(b, depth_max, 1, dtype=x.dtype, device=x.device)
-            hidden = hidden.masked_fill((positions > depth.unsqueeze(1)).unsqueeze(-1), -math.inf)  # [B, D, 1]
+            later = torch.zeros(b, depth_max, 1, dtype=x.dtype, device=x.device)  # [B, D, 1] -inf after the new token
+            later = later.masked_fill((positions > depth.unsqueeze(1)).unsqueeze(-1), -math.inf)
             for i, layer in enumerate(layers):
                 # Causal self-attention: the new token against the cached prefix and itself.
                 attn = layer.self_attn
                 qkv = onednn.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).view(b, 3, heads, head_dim)
                 tokens.slots[i, slot] = qkv[:, 1:]
                 k, v = tokens.prefix(i, flat).unbind(2)  # [B, D, h, d/h] each
-                weights = ((qkv[:, :1] * k).sum(-1) * scale + hidden).softmax(1)  # [B, D, h]
+                weights = ((qkv[:, :1] * k).sum(-1) * scale + later).softmax(1)  # [B, D, h]
                 out = (weights.unsqueeze(-1) * v).sum(1)  # [B, h, d/h]
                 x = x + onednn.linear(out.reshape(b, d), attn.out_proj.weight, attn.out_proj.bias)
                 # Cross-attention to the encoded history.

@@ -180,6 +180,12 @@ class PlannerModel(nn.Module):
         Returns memory [B, L+1, d] (token 0: covariates) and memory_padding [B, L+1] bool
         (True = padding, to be ignored as a key). The root latent s_0 is memory[:, -1].
         """
+        tokens, padding = self.tokens(history, history_mask, static)
+        return self.encode(tokens, padding), padding
+
+    def tokens(self, history: Tensor, history_mask: Tensor, static: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder's input (`represent`'s arguments): tokens [B, L+1, d] and their key padding
+        [B, L+1] bool."""
         vitals = (history[..., :N_VITALS] - self.vital_mean) / self.vital_std
         previous = history[..., PREVIOUS_RATES].round().long().clamp(0, RATE_MAX)
         option = history[..., OPTION].round().long().clamp(0, 1)
@@ -188,17 +194,17 @@ class PlannerModel(nn.Module):
         covariates = self.static_in((static - self.static_mean) / self.static_std).unsqueeze(1)
         tokens = torch.cat([covariates, steps], dim=1) + self.position.weight[: history.shape[1] + 1]
         padding = torch.cat([torch.zeros_like(history_mask[:, :1]), ~history_mask.bool()], dim=1)
-        return self.encode(tokens, padding), padding
+        return tokens, padding
 
     def encode(self, tokens: Tensor, padding: Tensor) -> Tensor:
         """The encoder on tokens [B, n, d] with key padding [B, n] bool (True = padding), causal.
 
         `self.encoder` written out (its layers are norm_first, GELU): equal to
         `self.encoder(tokens, mask=causal_mask(n), src_key_padding_mask=padding)` (tested), dropout
-        included, but one boolean mask serves every layer and attention runs in
-        `scaled_dot_product_attention`. The module merges the two masks into a float mask in every
-        layer, and in eval mode takes a fast path whose masked softmax is slower still:
-        `bench/planner_encoder.py` times both.
+        included, but one additive mask, built once, serves every layer, attention runs in
+        `scaled_dot_product_attention` and the products in `onednn.linear`. The module merges the
+        two masks in every layer, and in eval mode takes a fast path whose masked softmax is slower
+        still: `bench/planner_encoder.py` times both.
         """
         b, n, d = tokens.shape
         heads = self.config.n_heads

@@ -25,7 +25,7 @@ from dosewise.planner.mcts import (
     search,
 )
 from dosewise.planner.mcts_reference import reference_search_rows
-from dosewise.planner.model import RATE_LEVELS, PlannerModel, PlannerStats
+from dosewise.planner.model import RATE_LEVELS, PlannerModel, PlannerStats, causal_mask
 from tests.planner.conftest import tiny_run
 
 F64 = torch.float64
@@ -338,8 +338,8 @@ def test_planner_adapter_matches_direct_unroll_default_model_float32():
     actions = torch.randint(0, RATE_LEVELS, (b, pre_len, 2))
     root, recurrent_fn = planner_search_fns(model, history, mask, static)
     with torch.no_grad():
-        memory = model.encoder(*_encoder_inputs(model, history, mask, static))  # the module, not encode
-        padding = torch.cat([torch.zeros(b, 1, dtype=torch.bool), ~mask], dim=1)
+        tokens, padding = model.tokens(history, mask, static)
+        memory = model.encoder(tokens, mask=causal_mask(tokens.shape[1]), src_key_padding_mask=padding)  # the module
         torch.testing.assert_close(root.prior_logits, model.policy_head(memory[:, -1]).unflatten(-1, (2, RATE_LEVELS)),
                                    rtol=1e-4, atol=1e-4)
         direct = model.unroll(memory, padding, actions)
@@ -354,24 +354,6 @@ def test_planner_adapter_matches_direct_unroll_default_model_float32():
         torch.testing.assert_close(out.reward, model.reward_in_units(model.reward_head(latent).squeeze(-1)),
                                    rtol=1e-4, atol=1e-4)
         state = out.state
-
-
-def _encoder_inputs(model: PlannerModel, history, mask, static):
-    """The encoder module's arguments as `represent` builds them (tokens, causal mask, padding)."""
-    captured = {}
-
-    def capture(tokens, padding):
-        captured.update(tokens=tokens, padding=padding)
-        return tokens
-
-    model.encode = capture
-    try:
-        model.represent(history, mask, static)
-    finally:
-        del model.encode
-    n = captured["tokens"].shape[1]
-    causal = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
-    return captured["tokens"], causal, captured["padding"]
 
 
 @pytest.mark.parametrize("root_selection", ["puct", "gumbel"])
