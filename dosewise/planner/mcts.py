@@ -247,6 +247,13 @@ class SearchResult:
         return self.q_values.gather(1, self.chosen.unsqueeze(1)).squeeze(1)
 
 
+def one_step_q(recurrent_fn: RecurrentFn, state: Tensor, action: Tensor, gamma: float) -> Tensor:
+    """[B] Q = r + γ·V(s') of joint actions [B, 2] taken in embedded states [B, *S] (e.g. the
+    roots' `RootOutput.state`): the model's one-step estimate, with no search below s'."""
+    out = recurrent_fn(state, action)
+    return out.reward + gamma * out.value
+
+
 # -- pieces of the search ---------------------------------------------------------------------
 
 
@@ -300,37 +307,64 @@ def sample_distinct_children(
     return actions, joint.gather(1, candidates), candidates
 
 
-def sample_iid_children(
-    prior_logits: Tensor, invalid: Tensor, last_valid: Tensor, uniform: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+@dataclass(frozen=True)
+class LevelMask:
+    """The invalid-level mask in the forms child sampling reads, built once per search."""
+
+    invalid: Tensor  # [B, 2, A] bool: True = never choose this level
+    blocked: Tensor  # [B, 2, A] float: 0 where valid, -inf where invalid (added to logits)
+    allowed: Tensor  # [B, 2, A] float: 1 where valid, 0 where invalid
+    last_valid: Tensor  # [B, 2, 1] long: each drug's highest valid level
+
+
+def level_mask(invalid: Tensor, dtype: torch.dtype = torch.float32) -> LevelMask:
+    """`LevelMask` of invalid [B, 2, A] bool. Float masks because bool ones are slow on CPU
+    (a masked_fill over [128, 2, 201] costs as much as seven adds)."""
+    levels = invalid.shape[-1]
+    last_valid = (levels - 1 - (~invalid).flip(-1).int().argmax(-1, keepdim=True)).long()
+    blocked = torch.zeros(invalid.shape, dtype=dtype, device=invalid.device).masked_fill(invalid, -math.inf)
+    return LevelMask(invalid=invalid, blocked=blocked, allowed=(~invalid).to(dtype), last_valid=last_valid)
+
+
+def sample_iid_children(prior_logits: Tensor, mask: LevelMask, uniform: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Draw k joint actions per row i.i.d. from the prior and merge copies (module docstring).
 
-    prior_logits [B, 2, A], invalid [B, 2, A] bool, last_valid [B, 2, 1] long (each drug's
-    highest valid level, `last_valid_levels`), uniform [B, 2, k] in [0, 1). Returns actions
-    [B, k, 2] long, their logits [B, k] (log of the draw count at a joint action's first draw,
-    -inf at later copies) and priors [B, k]: β̂ = count / k, exactly (not a softmax, whose
+    prior_logits [B, 2, A], mask of its invalid levels, uniform [B, 2, k] in [0, 1). Returns
+    actions [B, k, 2] long, their logits [B, k] (log of the draw count at a joint action's first
+    draw, -inf at later copies) and priors [B, k]: β̂ = count / k, exactly (not a softmax, whose
     rounding would break pUCT's ties between equal counts differently from the reference).
     """
-    masked = prior_logits.masked_fill(invalid, -math.inf)
-    weights = (masked - masked.amax(-1, keepdim=True)).exp()  # the prior up to its sum; invalid: 0
+    top = (prior_logits + mask.blocked).amax(-1, keepdim=True)  # the largest valid logit
+    # exp(logit - top) where valid, 0 where invalid: the prior up to its sum. The clamp touches
+    # only invalid levels (valid ones are <= 0), and keeps exp off its slow path for the
+    # out-of-range inputs that -inf would be.
+    weights = (prior_logits - top).clamp_(max=0.0).exp_().mul_(mask.allowed)
     cdf = weights.cumsum(-1)
     # The first level whose cdf exceeds u · total has positive weight, so it is valid; u · total
     # may round up to total, hence the clamp to the last valid level.
     levels = torch.searchsorted(cdf, uniform * cdf[..., -1:], right=True)  # [B, 2, k]
-    actions = torch.minimum(levels, last_valid).transpose(1, 2)  # [B, k, 2]
+    actions = torch.minimum(levels, mask.last_valid).transpose(1, 2)  # [B, k, 2]
     joint = actions[..., 0] * prior_logits.shape[-1] + actions[..., 1]  # [B, k]
-    same = joint.unsqueeze(2) == joint.unsqueeze(1)  # [B, k, k]
-    copy = same.tril(-1).any(-1)  # an earlier draw has the same joint action
-    count = same.sum(-1).to(prior_logits.dtype)
+    copy, count = _merge_copies(joint, prior_logits.dtype)
     logits = torch.where(copy, -math.inf, count.log())
     priors = torch.where(copy, 0.0, count / uniform.shape[-1])
     return actions, logits, priors
 
 
-def last_valid_levels(invalid: Tensor) -> Tensor:
-    """[B, 2, 1] long: each drug's highest valid level (invalid [B, 2, A] bool)."""
-    levels = invalid.shape[-1]
-    return (levels - 1 - (~invalid).flip(-1).int().argmax(-1, keepdim=True)).long()
+def _merge_copies(joint: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Of draws joint [B, k] long: copy [B, k] bool (an earlier draw is the same) and count [B, k]
+    (draws equal to this one). A stable sort puts each joint action's draws in a run, its first
+    draw first (cheaper than the [B, k, k] comparison's bool reductions)."""
+    rows, k = joint.shape
+    in_order, order = torch.sort(joint, dim=-1, stable=True)
+    starts = torch.ones_like(in_order, dtype=torch.bool)
+    starts[:, 1:] = in_order[:, 1:] != in_order[:, :-1]
+    run = starts.cumsum(-1)  # [B, k] the run (1..k) of each sorted draw
+    ones = torch.ones(rows, k, dtype=dtype, device=joint.device)
+    run_length = torch.zeros(rows, k + 1, dtype=dtype, device=joint.device).scatter_add_(1, run, ones)
+    copy = torch.empty_like(starts).scatter_(1, order, ~starts)
+    count = torch.empty_like(ones).scatter_(1, order, run_length.gather(1, run))
+    return copy, count
 
 
 @cache
@@ -481,11 +515,10 @@ def _select(tree: Tree, config: MCTSConfig, root_child: Tensor, low: Tensor, spa
     keeps root_child, which under Gumbel selection is not pUCT's choice). The last depth's choice
     is thus every row's expansion, with no per-row bookkeeping.
     """
-    b, k = root_child.shape[0], tree.children_index.shape[-1]
+    k = tree.children_index.shape[-1]
     children = tree.children_index.view(-1)  # flat over (B, N, k)
-    path = root_child.new_zeros(b, config.max_depth + 1)
-    slots = root_child.new_empty(b, config.max_depth)
-    node, at, chosen = root_child.new_zeros(b), tree.row_offsets, root_child  # at the root
+    node, at, chosen = torch.zeros_like(root_child), tree.row_offsets, root_child  # at the root
+    path, slots = [node], []
     for depth in range(config.max_depth):
         if depth > 0:
             chosen = _puct_scores(tree, at, low, span, config).argmax(-1)
@@ -495,9 +528,9 @@ def _select(tree: Tree, config: MCTSConfig, root_child: Tensor, low: Tensor, spa
         unexpanded = child == UNVISITED
         node = torch.where(unexpanded, node, child)
         at = _flat(tree, node)
-        slots[:, depth] = chosen
-        path[:, depth + 1] = node
-    return _Selection(path, slots, node, chosen, unexpanded)
+        slots.append(chosen)
+        path.append(node)
+    return _Selection(torch.stack(path, 1), torch.stack(slots, 1), node, chosen, unexpanded)
 
 
 def _model_inputs(tree: Tree, selection: _Selection) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -516,7 +549,7 @@ def _model_inputs(tree: Tree, selection: _Selection) -> tuple[Tensor, Tensor, Te
 
 
 def _store(tree: Tree, selection: _Selection, new: int, out: RecurrentOutput, edge: Tensor, depth: Tensor,
-           invalid: Tensor, last_valid: Tensor, uniform: Tensor, config: MCTSConfig) -> None:
+           mask: LevelMask, uniform: Tensor, config: MCTSConfig) -> None:
     """Store the model's output for the selected children as node `new` and sample its children
     (uniform [B, 2, k]); rows that did not expand leave node `new` unused."""
     b, n_nodes, k = tree.children_index.shape
@@ -527,7 +560,7 @@ def _store(tree: Tree, selection: _Selection, new: int, out: RecurrentOutput, ed
     tree.raw_values[:, new] = torch.where(expand, out.value.to(tree.rewards.dtype), 0.0)
     tree.depths[:, new] = torch.where(expand, depth, 0)
     tree.parents[:, new] = torch.where(expand, selection.node, UNVISITED)
-    actions, logits, priors = sample_iid_children(out.prior_logits, invalid, last_valid, uniform)
+    actions, logits, priors = sample_iid_children(out.prior_logits, mask, uniform)
     _write_children(tree, new, actions, logits, priors, expand & (depth < config.max_depth))
     # Link the new node to its parent and put its reward on the edge; rows that did not expand
     # write UNVISITED and 0 into the unused new node's first slot.
@@ -549,12 +582,13 @@ def _backup(tree: Tree, selection: _Selection, new: int, new_depth: Tensor, conf
     depth_range = torch.arange(max_depth + 1, device=path.device)
     on_path = depth_range <= leaf_depth.unsqueeze(1)  # [B, D+1]
     path_rewards = tree.rewards.gather(1, path)
-    returns = torch.empty_like(path_rewards)  # [B, D+1] G backed up into each node of the path
+    rewards_at, on_path_at = path_rewards.unbind(1), on_path.unbind(1)
     ret = tree.raw_values.gather(1, leaf.unsqueeze(1)).squeeze(1)
-    for depth in range(max_depth, -1, -1):
-        returns[:, depth] = ret
-        if depth > 0:
-            ret = torch.where(on_path[:, depth], path_rewards[:, depth] + gamma * ret, ret)
+    backed_up = [ret]  # G backed up into each node of the path, from depth D down to 0
+    for depth in range(max_depth, 0, -1):
+        ret = torch.where(on_path_at[depth], rewards_at[depth] + gamma * ret, ret)
+        backed_up.append(ret)
+    returns = torch.stack(backed_up[::-1], dim=1)  # [B, D+1]
     tree.node_visits.scatter_add_(1, path, on_path.to(tree.node_visits.dtype))  # off the path: + 0
     tree.value_sums.scatter_add_(1, path, torch.where(on_path, returns, 0.0))
     # The same into the parents' rows: the edge into depth d + 1 is child slots[d] of path[d].
@@ -603,7 +637,7 @@ def search(
                              f"got {list(getattr(noise, name).shape)}")
     gumbel, uniform = noise.gumbel.to(root.value.dtype), noise.uniform.to(root.value.dtype)
 
-    last_valid = last_valid_levels(invalid_actions)
+    mask = level_mask(invalid_actions, root.value.dtype)
     tree = _init_tree(root, config)
     actions, logits, root_candidates = sample_distinct_children(root.prior_logits, invalid_actions, gumbel, config)
     _write_children(tree, ROOT_INDEX, actions, logits)
@@ -615,13 +649,12 @@ def search(
 
     for sim in range(config.num_simulations):
         considered_visit = None if root_gumbel is None else considered[num_considered, sim]
-        _simulate(tree, sim + 1, recurrent_fn, invalid_actions, last_valid, uniform[:, sim], root_gumbel,
-                  considered_visit, config)
+        _simulate(tree, sim + 1, recurrent_fn, mask, uniform[:, sim], root_gumbel, considered_visit, config)
 
     return _result(tree, config, root_gumbel)
 
 
-def _simulate(tree: Tree, new: int, recurrent_fn: RecurrentFn, invalid: Tensor, last_valid: Tensor, uniform: Tensor,
+def _simulate(tree: Tree, new: int, recurrent_fn: RecurrentFn, mask: LevelMask, uniform: Tensor,
               root_gumbel: Tensor | None, considered_visit: Tensor | None, config: MCTSConfig) -> None:
     """One simulation in every tree: choose the root's child (pUCT, or under Gumbel MuZero the
     best child with `considered_visit` [B] visits), descend, evaluate the selected children with
@@ -635,7 +668,7 @@ def _simulate(tree: Tree, new: int, recurrent_fn: RecurrentFn, invalid: Tensor, 
     selection = _select(tree, config, root_child, low, span)
     state, action, edge, depth = _model_inputs(tree, selection)
     out = recurrent_fn(state, action)
-    _store(tree, selection, new, out, edge, depth, invalid, last_valid, uniform, config)
+    _store(tree, selection, new, out, edge, depth, mask, uniform, config)
     _backup(tree, selection, new, depth, config)
 
 
@@ -753,7 +786,10 @@ def planner_search_fns_from_memory(
             value=model.value_in_units(model.value(root_latent)),
             state=memory.new_zeros(b, depth_max + 1),
         )
+    # Row d: 0 for the prefix positions a token at depth d attends to, -inf after it; [D, D, 1].
     positions = torch.arange(depth_max, device=memory.device)
+    later_at_depth = torch.zeros(depth_max, depth_max, 1, dtype=memory.dtype, device=memory.device)
+    later_at_depth.masked_fill_((positions.unsqueeze(1) < positions).unsqueeze(-1), -math.inf)
     rows_at = torch.arange(b, device=memory.device).unsqueeze(1)  # [B, 1]
     tokens = _TokenCache(len(layers), b, heads, head_dim, reserved=64, like=memory)
 
@@ -766,10 +802,9 @@ def planner_search_fns_from_memory(
             next_state[:, -1] += 1
             flat = next_state[:, :-1].long() * b + rows_at  # [B, D] flat slots of the prefix
             action = action.long().clamp(0, RATE_MAX)
-            x = root_token + model.step.weight[depth]
+            x = root_token + model.step.weight.index_select(0, depth)
             x = x + sum(embed(action[:, j]) for j, embed in enumerate(model.action_embed))  # [B, d]
-            later = torch.zeros(b, depth_max, 1, dtype=x.dtype, device=x.device)  # [B, D, 1] -inf after the new token
-            later = later.masked_fill((positions > depth.unsqueeze(1)).unsqueeze(-1), -math.inf)
+            later = later_at_depth.index_select(0, depth)  # [B, D, 1] -inf after the new token
             for i, layer in enumerate(layers):
                 # Causal self-attention: the new token against the cached prefix and itself.
                 attn = layer.self_attn

@@ -273,16 +273,21 @@ class PlannerModel(nn.Module):
 
         Returns the states s_0..s_{steps-1} [B, steps, d] the policy is read from, and the
         actions taken [B, steps, 2]. With detach_dynamics the states carry no gradient.
+
+        An argmax carries no gradient, so the actions are chosen step by step without one; the
+        states are then ONE causal unroll of the chosen actions (its output j depends on actions
+        0..j only): the gradient of unrolling each prefix again, at the cost of one unroll.
         """
+        with torch.no_grad():
+            actions = self.policy_logits(memory[:, -1]).argmax(-1).unsqueeze(1)  # [B, 1, 2]
+            for _ in range(steps - 1):
+                state = self.unroll(memory, memory_padding, actions)[:, -1]
+                actions = torch.cat([actions, self.policy_logits(state).argmax(-1).unsqueeze(1)], dim=1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_dynamics):
-            states = [memory[:, -1]]
-            actions = torch.zeros(memory.shape[0], 0, N_DRUGS, dtype=torch.long, device=memory.device)
-            for _ in range(steps):
-                chosen = self.policy_logits(states[-1]).argmax(-1)  # [B, 2]
-                actions = torch.cat([actions, chosen.unsqueeze(1)], dim=1)
-                if actions.shape[1] < steps:
-                    states.append(self.unroll(memory, memory_padding, actions)[:, -1])
-            return torch.stack(states, dim=1), actions
+            states = memory[:, -1:]
+            if steps > 1:
+                states = torch.cat([states, self.unroll(memory, memory_padding, actions[:, :-1])], dim=1)
+            return states, actions
 
     @torch.no_grad()
     def act(self, history: Tensor, history_mask: Tensor, static: Tensor) -> Tensor:

@@ -111,8 +111,8 @@ def stage2_states(model: PlannerModel, out: PlannerOutput, batch: Batch, strateg
     if strategy.stage2_rollout == "teacher":
         states = out.states[:, :-1]  # teacher forcing: the unroll with the clinician's actions
         return states.detach() if detach else states
-    memory, padding = model.represent(batch["history"], batch["history_mask"], batch["static"])
-    states, _ = model.rollout_policy(memory, padding, batch["actions"].shape[1], detach_dynamics=detach)
+    # The forward pass's encoded history: the same function of the parameters as encoding it again.
+    states, _ = model.rollout_policy(out.memory, out.memory_padding, batch["actions"].shape[1], detach_dynamics=detach)
     return states.detach() if detach else states
 
 
@@ -124,18 +124,6 @@ class SearchTargets:
     weight: Tensor  # [B] float 1 where Q_mcts > Q_expert + margin, else 0
     q_mcts: Tensor  # [B] r + γV of the search's action, in return standard deviations
     q_expert: Tensor  # [B] r + γV of the clinician's action, same units
-
-
-@torch.no_grad()
-def one_step_q(model: PlannerModel, memory: Tensor, padding: Tensor, actions: list[Tensor], gamma: float) -> list[Tensor]:
-    """Q = r + γ·V(s_1) of each set of joint actions [B, 2] at every window's state_0 (memory,
-    padding from `represent`), in units of the training return's standard deviation: one [B]
-    per set."""
-    n = len(actions)
-    reached = model.unroll(memory.repeat(n, 1, 1), padding.repeat(n, 1), torch.cat(actions).unsqueeze(1))[:, 0]
-    reward = model.reward_in_units(model.reward(reached))
-    q = (reward + gamma * model.value_in_units(model.value(reached))) / model.return_std
-    return list(q.chunk(n))
 
 
 @torch.no_grad()
@@ -151,7 +139,11 @@ def search_targets(
     """Search from every window's state_0 (one batched MCTS over the whole batch), then gate the
     search's action by the margin over the clinician's. memory/padding: the encoded history
     when the caller has it (a training step's forward pass), else it is encoded here."""
-    from dosewise.planner.mcts import MCTSConfig, planner_search_fns_from_memory
+    from dosewise.planner.mcts import (
+        MCTSConfig,
+        one_step_q,
+        planner_search_fns_from_memory,
+    )
     from dosewise.planner.mcts import search as mcts_search
 
     if memory is None or padding is None:
@@ -165,12 +157,17 @@ def search_targets(
         max_depth=model.pre_len,
     )
     # Inference mode skips autograd's bookkeeping on every op of the search (1.09x, bench/mcts_ab.py);
-    # the action leaves it as a normal tensor, as a training target must be.
+    # the targets leave it as normal tensors (clones), as training targets must be.
     with torch.inference_mode():
         root, recurrent = planner_search_fns_from_memory(model, memory, padding)
         action = mcts_search(root, recurrent, config, generator=generator).action
-    action = action.clone()
-    q_mcts, q_expert = one_step_q(model, memory, padding, [action, batch["actions"][:, 0]], gamma)
+        # Q = r + γ·V(s_1) of both actions: one more recurrent call each, from the root, with the
+        # history's keys and values the search has projected already.
+        q_mcts, q_expert = (
+            one_step_q(recurrent, root.state, chosen, gamma) / model.return_std
+            for chosen in (action, batch["actions"][:, 0])
+        )
+    action, q_mcts, q_expert = action.clone(), q_mcts.clone(), q_expert.clone()
     weight = (q_mcts > q_expert + float(search.resolved("margin"))).to(q_mcts.dtype)
     return SearchTargets(action=action, weight=weight, q_mcts=q_mcts, q_expert=q_expert)
 

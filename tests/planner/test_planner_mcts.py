@@ -19,7 +19,7 @@ from dosewise.planner.mcts import (
     SearchNoise,
     considered_visit_sequence,
     draw_noise,
-    last_valid_levels,
+    level_mask,
     planner_search_fns,
     sample_iid_children,
     search,
@@ -179,20 +179,46 @@ def test_interior_children_are_iid_draws_from_the_prior():
     invalid = torch.zeros(1, 2, 9, dtype=torch.bool)
     invalid[0, 0, [2, 8]] = invalid[0, 1, 0] = True
     draws = 20000
-    actions, _, _ = sample_iid_children(logits, invalid, last_valid_levels(invalid), torch.rand(1, 2, draws, generator=g, dtype=F64))
+    actions, _, _ = sample_iid_children(logits, level_mask(invalid, F64), torch.rand(1, 2, draws, generator=g, dtype=F64))
     prob = logits.masked_fill(invalid, -math.inf).softmax(-1)[0]
     for drug in range(2):
         frequency = torch.bincount(actions[0, :, drug], minlength=9).to(F64) / draws
         assert (frequency[invalid[0, drug]] == 0).all()
         assert ((frequency - prob[drug]).abs() <= 4 * (prob[drug] * (1 - prob[drug]) / draws).sqrt() + 1e-12).all()
     top = torch.full((1, 2, 3), 1 - 2**-53, dtype=F64)  # rounds u · total up to total
-    assert torch.equal(sample_iid_children(logits, invalid, last_valid_levels(invalid), top)[0][0], torch.tensor([[7, 8]] * 3))
+    assert torch.equal(sample_iid_children(logits, level_mask(invalid, F64), top)[0][0], torch.tensor([[7, 8]] * 3))
 
     uniform = torch.tensor([[[0.1, 0.1, 0.9, 0.1], [0.1, 0.1, 0.1, 0.1]]], dtype=F64)
-    actions, child_logits, priors = sample_iid_children(logits, invalid, last_valid_levels(invalid), uniform)
+    actions, child_logits, priors = sample_iid_children(logits, level_mask(invalid, F64), uniform)
     assert torch.equal(actions[0, 0], actions[0, 1]) and torch.equal(actions[0, 0], actions[0, 3])
     assert torch.equal(priors[0], torch.tensor([0.75, 0.0, 0.25, 0.0], dtype=F64))
     torch.testing.assert_close(child_logits.softmax(-1), priors)
+
+
+def test_child_sampling_ignores_invalid_logits_and_merges_copies_like_a_count():
+    """An invalid level's logit, however large or small, changes nothing (no overflow, no NaN; a
+    draw of u = 0 skips an invalid first level); the sort-based merge of copies equals counting
+    equal draws pairwise."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 2, 7, generator=g)
+    invalid = torch.rand(64, 2, 7, generator=g) < 0.4
+    invalid[:, :, 3] = False
+    invalid[:, :, 0] = True
+    uniform = torch.rand(64, 2, 16, generator=g)
+    uniform[:, :, 0] = 0.0
+    mask = level_mask(invalid)
+    expected = sample_iid_children(logits, mask, uniform)
+    for wild in (1e4, -1e4, 0.0):
+        got = sample_iid_children(logits.masked_fill(invalid, wild), mask, uniform)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+    actions, child_logits, priors = expected
+    assert not invalid.gather(2, actions.transpose(1, 2)).any()
+    joint = actions[..., 0] * 7 + actions[..., 1]
+    same = joint.unsqueeze(2) == joint.unsqueeze(1)
+    copy = same.tril(-1).any(-1)
+    assert copy.any() and torch.equal(child_logits == -math.inf, copy)
+    assert torch.equal(priors, torch.where(copy, 0.0, same.sum(-1) / 16.0))
 
 
 @pytest.mark.parametrize("root_selection", ["puct", "gumbel"])

@@ -130,3 +130,22 @@ def test_policy_rollout_uses_each_samples_own_argmax(tiny_windows, tiny_batch):
             expected = model.unroll(memory, padding, actions[:, :k])[:, -1]
             assert torch.allclose(states[:, k], expected, atol=1e-5)
             assert torch.equal(actions[:, k], model.policy_logits(states[:, k]).argmax(-1))
+
+
+def test_policy_rollout_has_the_gradient_of_unrolling_each_prefix(tiny_windows, tiny_batch):
+    """One unroll of the chosen actions gives the states, and the gradients, of unrolling every
+    prefix again step by step (the way the rollout used to run)."""
+    model = make_model(tiny_windows).double()
+    memory, padding = model.represent(*(x.double() if x.is_floating_point() else x for x in inputs(tiny_batch)))
+    states, actions = model.rollout_policy(memory, padding, 4)
+    stepwise = torch.stack([memory[:, -1]] + [model.unroll(memory, padding, actions[:, :k])[:, -1] for k in range(1, 4)], 1)
+    torch.testing.assert_close(states, stepwise)
+    weights = torch.randn(states.shape, generator=torch.Generator().manual_seed(0), dtype=states.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    new = torch.autograd.grad((states * weights).sum(), params, retain_graph=True, allow_unused=True)
+    old = torch.autograd.grad((stepwise * weights).sum(), params, allow_unused=True)
+    for name, a, b in zip([n for n, p in model.named_parameters() if p.requires_grad], new, old):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, msg=name)
+    assert any(a is not None and a.abs().sum() > 0 for a in new)

@@ -11,7 +11,6 @@ from dosewise.planner.config import SearchTrainingConfig
 from dosewise.planner.training import (
     SearchTargets,
     behaviour_cloning_loss,
-    one_step_q,
     planner_losses,
     search_targets,
     stage2_loss,
@@ -39,11 +38,15 @@ def test_margin_gates_the_search_target(tiny_model, tiny_batch):
     loose = search_targets(tiny_model, tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6, margin=-1e9), 0.9, generator)
     strict = search_targets(tiny_model, tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6, margin=1e9), 0.9, generator)
     assert torch.all(loose.weight == 1) and torch.all(strict.weight == 0)
-    # The Q values are one model step of each action, as one_step_q computes them.
-    memory, padding = tiny_model.represent(tiny_batch["history"], tiny_batch["history_mask"], tiny_batch["static"])
-    q_mcts, q_expert = one_step_q(tiny_model, memory, padding, [loose.action, tiny_batch["actions"][:, 0]], 0.9)
-    torch.testing.assert_close(loose.q_mcts, q_mcts)
-    torch.testing.assert_close(loose.q_expert, q_expert)
+    # The Q values are r + γV one model step after each action, in return standard deviations:
+    # the search's recurrent calls agree with the module's unroll.
+    with torch.no_grad():
+        memory, padding = tiny_model.represent(tiny_batch["history"], tiny_batch["history_mask"], tiny_batch["static"])
+        for action, q in ((loose.action, loose.q_mcts), (tiny_batch["actions"][:, 0], loose.q_expert)):
+            reached = tiny_model.unroll(memory, padding, action.unsqueeze(1))[:, 0]
+            reward = tiny_model.reward_in_units(tiny_model.reward(reached))
+            expected = (reward + 0.9 * tiny_model.value_in_units(tiny_model.value(reached))) / tiny_model.return_std
+            torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5)
     balanced = search_targets(tiny_model, tiny_batch, SearchTrainingConfig(preset="balanced", num_simulations=6), 0.9, generator)
     torch.testing.assert_close(balanced.weight, (balanced.q_mcts > balanced.q_expert + 0.1).float())
 
