@@ -311,19 +311,18 @@ def sample_distinct_children(
 class LevelMask:
     """The invalid-level mask in the forms child sampling reads, built once per search."""
 
-    invalid: Tensor  # [B, 2, A] bool: True = never choose this level
     blocked: Tensor  # [B, 2, A] float: 0 where valid, -inf where invalid (added to logits)
     allowed: Tensor  # [B, 2, A] float: 1 where valid, 0 where invalid
     last_valid: Tensor  # [B, 2, 1] long: each drug's highest valid level
 
 
 def level_mask(invalid: Tensor, dtype: torch.dtype = torch.float32) -> LevelMask:
-    """`LevelMask` of invalid [B, 2, A] bool. Float masks because bool ones are slow on CPU
-    (a masked_fill over [128, 2, 201] costs as much as seven adds)."""
-    levels = invalid.shape[-1]
-    last_valid = (levels - 1 - (~invalid).flip(-1).int().argmax(-1, keepdim=True)).long()
+    """`LevelMask` of invalid [B, 2, A] bool (True = never choose this level). Float masks because
+    on CPU a bool masked_fill costs several float adds."""
+    valid = ~invalid
+    last_valid = (invalid.shape[-1] - 1 - valid.flip(-1).int().argmax(-1, keepdim=True)).long()
     blocked = torch.zeros(invalid.shape, dtype=dtype, device=invalid.device).masked_fill(invalid, -math.inf)
-    return LevelMask(invalid=invalid, blocked=blocked, allowed=(~invalid).to(dtype), last_valid=last_valid)
+    return LevelMask(blocked=blocked, allowed=valid.to(dtype), last_valid=last_valid)
 
 
 def sample_iid_children(prior_logits: Tensor, mask: LevelMask, uniform: Tensor) -> tuple[Tensor, Tensor, Tensor]:
