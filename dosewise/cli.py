@@ -225,7 +225,7 @@ def members_table(losses: dict) -> Table:
 def train_planner_command(
     data: Annotated[Path, typer.Option(help="Anesthesia cases, CSV or Parquet (e.g. from `dosewise simulate anesthesia`).")],
     out: Annotated[Path, typer.Option(help="Run directory: config, TensorBoard, CSV metrics, checkpoints, model.pt, summary.json.")],
-    config: Annotated[Path | None, typer.Option(help="Planner config YAML, e.g. configs/planner_joint.yaml (default: joint).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Planner config: a YAML file or a config name, e.g. planner_joint (default: planner, the recipe).")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:

@@ -46,8 +46,26 @@ class IQLRunConfig(BaseModel):
     data_path: str | None = None
 
 
+# Where a config named without a path is looked up: inside the package, then the project's configs/.
+CONFIG_DIRS: tuple[Path, ...] = (Path(__file__).parent / "configs", Path(__file__).resolve().parents[1] / "configs")
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file's path: an existing file as given, else a bare name (`planner`,
+    `iql_conservative`) looked up as NAME.yaml in `CONFIG_DIRS`."""
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix or path.parent != Path("."):
+        return path
+    for folder in CONFIG_DIRS:
+        if (folder / f"{path.name}.yaml").is_file():
+            return folder / f"{path.name}.yaml"
+    known = sorted({found.stem for folder in CONFIG_DIRS if folder.is_dir() for found in folder.glob("*.yaml")})
+    raise ConfigError(f"{name_or_path}: no config of that name; named configs: {', '.join(known) or 'none'}")
+
+
 def load_config(path: str | Path, model: type[Model]) -> Model:
-    path = Path(path)
+    """A config from a YAML file, or from a named config (`config_path`)."""
+    path = config_path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

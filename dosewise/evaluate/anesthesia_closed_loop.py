@@ -8,6 +8,7 @@ metrics of Ionescu et al. 2008 (IEEE TBME 55:2161) as PAS computes them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -26,6 +27,7 @@ from dosewise.sim.anesthesia_cases import (
 
 INDUCTION_S = 600  # the first 10 minutes are induction; maintenance metrics start after them
 N_BOOTSTRAP = 2000
+BIS_TARGET = 50.0  # the performance errors' reference, the middle of the 40-60 band
 
 
 def case_metrics(traj: CaseTrajectories, cohort: CaseCohort) -> dict[str, np.ndarray]:
@@ -41,6 +43,7 @@ def case_metrics(traj: CaseTrajectories, cohort: CaseCohort) -> dict[str, np.nda
     hours = traj.steps * traj.step_s / 3600.0
     rates = np.where(traj.mask[..., None], traj.rates, 0).sum(axis=0) * traj.step_s / 3600.0  # mL given [N, 2]
     weight = cohort.covariates.weight
+    errors = performance_errors(bis, maintenance)
     return {
         "pct_bis_40_60": 100.0 * (in_band & maintenance).sum(axis=0) / maintenance.sum(axis=0),
         "pct_map_below_65": 100.0 * ((mean_ap < 65) & real).sum(axis=0) / real.sum(axis=0),
@@ -50,7 +53,19 @@ def case_metrics(traj: CaseTrajectories, cohort: CaseCohort) -> dict[str, np.nda
         "undershoot": np.maximum(40.0 - nadir, 0.0),
         "propofol_mg_kg_h": rates[:, 0] * PROPOFOL_MG_PER_ML / weight / hours,
         "remifentanil_ug_kg_min": rates[:, 1] * REMIFENTANIL_UG_PER_ML / weight / (hours * 60.0),
+        **errors,
     }
+
+
+def performance_errors(bis: np.ndarray, mask: np.ndarray, target: float = BIS_TARGET) -> dict[str, np.ndarray]:
+    """Varvel et al. 1992 (J Clin Monit 8:63) per case, against a BIS target: PE = 100 (BIS - target)
+    / target at every masked second; MDPE = median PE (bias), MDAPE = median |PE| (inaccuracy),
+    wobble = median |PE - MDPE| (variability). bis and mask [T, N] -> each [N] (NaN without data)."""
+    pe = np.where(mask, 100.0 * (bis - target) / target, np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a case without maintenance seconds: NaN
+        mdpe = np.nanmedian(pe, axis=0)
+        return {"mdpe": mdpe, "mdape": np.nanmedian(np.abs(pe), axis=0), "wobble": np.nanmedian(np.abs(pe - mdpe), axis=0)}
 
 
 def summarize(metrics: dict[str, np.ndarray], seed: int) -> dict[str, dict]:

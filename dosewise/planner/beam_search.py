@@ -109,11 +109,7 @@ def beam_search(
         k = actions.shape[2]
         extended = torch.cat([plans.unsqueeze(2).expand(-1, -1, k, -1, -1), actions.unsqueeze(3)], dim=3)
         extended = extended.flatten(1, 2)  # [B, W·k, i+1, 2]
-        reached = model.unroll(
-            memory.repeat_interleave(width * k, dim=0),
-            padding.repeat_interleave(width * k, dim=0),
-            extended.flatten(0, 1),
-        )[:, -1].view(b, width * k, -1)  # [B, W·k, d]
+        reached = model.unroll_candidates(memory, padding, extended)[:, :, -1]  # [B, W·k, d]
         gain = model.reward_in_units(model.reward(reached)) + model.value_in_units(model.value(reached))
         candidate = scores.repeat_interleave(k, dim=1) + config.gamma**depth * gain  # [B, W·k]
         candidate = candidate.masked_fill(~torch.isfinite(log_prob.flatten(1)), float("-inf"))  # masked levels

@@ -37,6 +37,9 @@ class PlannerModelConfig(BaseModel):
     ff_mult: int = Field(2, ge=1)
     # Dropout in the transformer blocks; 0 keeps training deterministic and fast on small data.
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # How pump rates enter the model: one learned vector per level (201 per drug) or an MLP of the
+    # rate as a number ("continuous"), which generalises across levels the data rarely holds.
+    action_encoding: Literal["embedding", "continuous"] = "embedding"
 
     @model_validator(mode="after")
     def _check_heads(self) -> PlannerModelConfig:
@@ -149,6 +152,9 @@ class OptimConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0.0)
     # Gradient-norm clipping (0: off).
     grad_clip: float = Field(1.0, ge=0.0)
+    # Learning rate over the run: constant, or cosine decay from lr to lr · final_lr_factor at the last epoch.
+    schedule: Literal["constant", "cosine"] = "constant"
+    final_lr_factor: float = Field(0.05, ge=0.0, le=1.0)
 
 
 class PlannerTrainConfig(BaseModel):
@@ -187,6 +193,39 @@ class MonitorConfig(BaseModel):
     grace_epochs: int = Field(2, ge=0)
 
 
+class MPCConfig(BaseModel):
+    """The candidate menu and the score of the MPC planning mode."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Steps each candidate is held and scored; at most the model's pre_len.
+    horizon: int = Field(5, ge=1)
+    # Discount of the per-step expected rewards in the score.
+    gamma: float = Field(0.9, ge=0.0, le=1.0)
+    # Propofol candidates: the current rate plus each step (mL/h), and 0 and the top rate.
+    propofol_steps: tuple[int, ...] = (-40, -20, -10, -5, -2, 0, 2, 5, 10, 20, 40)
+    # Remifentanil candidates: the current rate plus each step (mL/h).
+    remifentanil_steps: tuple[int, ...] = (-10, -5, 0, 5, 10)
+    # Score cost per mL/h of change from the current rates (both drugs), in reward units per step:
+    # breaks ties towards holding the pumps steady.
+    change_cost: float = Field(0.002, ge=0.0)
+    # The BIS window the plan aims for (the reward's in-target window). The evaluation band is
+    # 40-60; aiming at its lighter half costs little time in band and spares propofol, whose
+    # pressure cost builds over tens of minutes, beyond the horizon the model sees, and which the
+    # model's MAP head does not predict reliably (docs/planner_vs_clinician.md).
+    bis_window: tuple[float, float] = (50.0, 60.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MPCConfig:
+        low, high = self.bis_window
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"mpc.bis_window must be two BIS values 0 <= low < high <= 100, got {self.bis_window}")
+        for name in ("propofol_steps", "remifentanil_steps"):
+            if 0 not in getattr(self, name):
+                raise ValueError(f"mpc.{name} must contain 0 (keep the current rate), got {getattr(self, name)}")
+        return self
+
+
 class ClosedLoopConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -196,7 +235,11 @@ class ClosedLoopConfig(BaseModel):
     seed: int = 2000
     # Planning modes run closed loop: argmax of the policy heads, RL-DITR's beam search over the
     # learned model, the batched MCTS (50 simulations).
-    modes: tuple[Literal["argmax", "beam", "mcts"], ...] = ("argmax",)
+    modes: tuple[Literal["argmax", "beam", "mcts", "mpc"], ...] = ("argmax",)
+    # The mode a user gets by default (`recommend`, the benches' "planner" row).
+    default_mode: Literal["argmax", "beam", "mcts", "mpc"] = "argmax"
+    # The MPC mode's candidate menu and score (horizon capped at windows.pre_len).
+    mpc: MPCConfig = MPCConfig()
     # Dose limits of every mode, mL/h (propofol 20 mg/mL, remifentanil 20 µg/mL): the highest
     # rate each drug may be set to.
     max_rate: tuple[int, int] = (200, 200)
@@ -204,7 +247,7 @@ class ClosedLoopConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> ClosedLoopConfig:
         if not self.modes:
-            raise ValueError("closed_loop.modes must name at least one of argmax, beam, mcts")
+            raise ValueError("closed_loop.modes must name at least one of argmax, beam, mcts, mpc")
         if not all(0 <= rate <= 200 for rate in self.max_rate):
             raise ValueError(f"closed_loop.max_rate must be two rates in 0..200 mL/h, got {self.max_rate}")
         return self

@@ -802,7 +802,7 @@ def planner_search_fns_from_memory(
             flat = next_state[:, :-1].long() * b + rows_at  # [B, D] flat slots of the prefix
             action = action.long().clamp(0, RATE_MAX)
             x = root_token + model.step.weight.index_select(0, depth)
-            x = x + sum(embed(action[:, j]) for j, embed in enumerate(model.action_embed))  # [B, d]
+            x = x + model.rate_tokens(action)  # [B, d]
             later = later_at_depth.index_select(0, depth)  # [B, D, 1] -inf after the new token
             for i, layer in enumerate(layers):
                 # Causal self-attention: the new token against the cached prefix and itself.

@@ -43,6 +43,7 @@ N_VITALS = 5  # BIS, MAP, SBP, DBP, HR: the first five history features
 N_DRUGS = 2
 PREVIOUS_RATES = slice(N_VITALS, N_VITALS + N_DRUGS)  # history features 5, 6: rates set one step before
 OPTION = N_VITALS + N_DRUGS  # history feature 7: the option flag (1 = induction phase)
+RATE_SCALE = 100.0  # mL/h per unit of a rate's continuous input
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,10 @@ class PlannerModel(nn.Module):
 
         # Representation.
         self.vitals_in = nn.Linear(N_VITALS, d)
-        self.prev_action_embed = nn.ModuleList(nn.Embedding(RATE_LEVELS, d) for _ in range(N_DRUGS))
+        if config.action_encoding == "embedding":
+            self.prev_action_embed = nn.ModuleList(nn.Embedding(RATE_LEVELS, d) for _ in range(N_DRUGS))
+        else:
+            self.prev_action_in = _mlp(N_DRUGS, d, d)
         self.option_embed = nn.Embedding(2, d)
         self.static_in = nn.Linear(n_static, d)
         self.position = nn.Embedding(max_len + 1, d)
@@ -130,7 +134,10 @@ class PlannerModel(nn.Module):
         )
         # Dynamics.
         self.root_in = nn.Linear(d, d)
-        self.action_embed = nn.ModuleList(nn.Embedding(RATE_LEVELS, d) for _ in range(N_DRUGS))
+        if config.action_encoding == "embedding":
+            self.action_embed = nn.ModuleList(nn.Embedding(RATE_LEVELS, d) for _ in range(N_DRUGS))
+        else:
+            self.action_in = _mlp(N_DRUGS, d, d)
         self.step = nn.Embedding(pre_len, d)
         self.dynamics = nn.TransformerDecoder(
             nn.TransformerDecoderLayer(
@@ -189,8 +196,7 @@ class PlannerModel(nn.Module):
         vitals = (history[..., :N_VITALS] - self.vital_mean) / self.vital_std
         previous = history[..., PREVIOUS_RATES].round().long().clamp(0, RATE_MAX)
         option = history[..., OPTION].round().long().clamp(0, 1)
-        steps = self.vitals_in(vitals) + self.option_embed(option)
-        steps = steps + sum(embed(previous[..., j]) for j, embed in enumerate(self.prev_action_embed))
+        steps = self.vitals_in(vitals) + self.option_embed(option) + self.rate_tokens(previous, previous=True)
         covariates = self.static_in((static - self.static_mean) / self.static_std).unsqueeze(1)
         tokens = torch.cat([covariates, steps], dim=1) + self.position.weight[: history.shape[1] + 1]
         padding = torch.cat([torch.zeros_like(history_mask[:, :1]), ~history_mask.bool()], dim=1)
@@ -222,16 +228,64 @@ class PlannerModel(nn.Module):
             x = x + layer.dropout2(onednn.linear(hidden, layer.linear2.weight, layer.linear2.bias))
         return self.encoder.norm(x)
 
+    def rate_tokens(self, rates: Tensor, previous: bool = False) -> Tensor:
+        """The input of a pair of pump rates [..., 2] (levels, mL/h) -> [..., d]: the sum of one
+        learned vector per level and drug ("embedding"), or an MLP of the rates scaled to 0..2
+        ("continuous": nearby rates get nearby inputs, so a rate the data rarely holds borrows
+        from its neighbours). `previous`: the history's rates set one step before, else the
+        dynamics' actions; each has its own parameters."""
+        rates = rates.long().clamp(0, RATE_MAX)
+        if self.config.action_encoding == "embedding":
+            embeds = self.prev_action_embed if previous else self.action_embed
+            return sum(embed(rates[..., j]) for j, embed in enumerate(embeds))
+        head = self.prev_action_in if previous else self.action_in
+        return self._head(head, rates.to(self.root_in.weight.dtype) / RATE_SCALE)
+
     def unroll(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
         """Latent states after each action pair: actions [B, k, 2] int (k <= K) -> [B, k, d],
         row j being s_{j+1}. Output j depends on actions 0..j only."""
         k = actions.shape[1]
         root = self.root_in(memory[:, -1]).unsqueeze(1)  # [B, 1, d]
-        actions = actions.long().clamp(0, RATE_MAX)
-        tokens = root + self.step.weight[:k] + sum(embed(actions[..., j]) for j, embed in enumerate(self.action_embed))
+        tokens = root + self.step.weight[:k] + self.rate_tokens(actions)
         return self.dynamics(
             tokens, memory, tgt_mask=causal_mask(k, tokens.device), memory_key_padding_mask=memory_padding
         )
+
+    def unroll_candidates(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
+        """Latent states of C candidate action sequences per row, sharing the row's history:
+        actions [B, C, k, 2] int -> [B, C, k, d], row [b, c, j] being s_{j+1} under candidate c.
+
+        `self.dynamics` written out (norm_first layers, GELU; equal to `unroll` of each candidate
+        on its own, tested): self-attention runs within each candidate's k tokens, and the
+        cross-attention lets all C·k tokens of a row read the row's history, whose keys and values
+        are projected once instead of C times. For planning: no dropout.
+        """
+        b, c, k, _ = actions.shape
+        d, heads = self.config.d_model, self.config.n_heads
+        root = self.root_in(memory[:, -1])[:, None, None]  # [B, 1, 1, d]
+        x = (root + self.step.weight[:k] + self.rate_tokens(actions)).reshape(b * c, k, d)
+        causal = torch.zeros(k, k, dtype=x.dtype, device=x.device).masked_fill_(causal_mask(k, x.device), -math.inf)
+        keep = torch.zeros(memory_padding.shape, dtype=x.dtype, device=x.device).masked_fill_(memory_padding, -math.inf)
+        keep = keep[:, None, None, :]  # [B, 1, 1, L+1]
+
+        def split(t: Tensor, rows: int) -> Tensor:  # [rows, n, d] -> [rows, h, n, d/h]
+            return t.view(rows, -1, heads, d // heads).transpose(1, 2)
+
+        for layer in self.dynamics.layers:
+            sa = layer.self_attn
+            q, kk, v = onednn.linear(layer.norm1(x), sa.in_proj_weight, sa.in_proj_bias).chunk(3, dim=-1)
+            out = F.scaled_dot_product_attention(split(q, b * c), split(kk, b * c), split(v, b * c), attn_mask=causal)
+            x = x + onednn.linear(out.transpose(1, 2).reshape(b * c, k, d), sa.out_proj.weight, sa.out_proj.bias)
+            ca = layer.multihead_attn
+            w_q, w_kv = ca.in_proj_weight.split([d, 2 * d])
+            b_q, b_kv = ca.in_proj_bias.split([d, 2 * d])
+            q = onednn.linear(layer.norm2(x).view(b, c * k, d), w_q, b_q)
+            kk, v = onednn.linear(memory, w_kv, b_kv).chunk(2, dim=-1)
+            out = F.scaled_dot_product_attention(split(q, b), split(kk, b), split(v, b), attn_mask=keep)
+            x = x + onednn.linear(out.transpose(1, 2).reshape(b, c * k, d), ca.out_proj.weight, ca.out_proj.bias).view(b * c, k, d)
+            hidden = onednn.linear(layer.norm3(x), layer.linear1.weight, layer.linear1.bias, "gelu")
+            x = x + onednn.linear(hidden, layer.linear2.weight, layer.linear2.bias)
+        return self.dynamics.norm(x).view(b, c, k, d)
 
     def _head(self, head: nn.Sequential, states: Tensor) -> Tensor:
         """A `_mlp` head (Linear, GELU, Linear), its products through `onednn.linear`."""

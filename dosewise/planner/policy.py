@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
 from dosewise.planner.beam_search import (
@@ -21,10 +22,14 @@ from dosewise.planner.beam_search import (
 )
 from dosewise.planner.config import PlannerRunConfig
 from dosewise.planner.model import PlannerModel
+from dosewise.planner.mpc import MPCConfig, mpc_plan
 from dosewise.sim.anesthesia_cases import CaseCohort, CaseHistory, CaseSpec
 from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
 
-PlanningMode = Literal["argmax", "beam", "mcts"]
+PlanningMode = Literal["argmax", "beam", "mcts", "mpc"]
+# How the policy head's 201 levels become one rate in the argmax mode: the most probable level,
+# the expected level (rounded), or the median level.
+Decoding = Literal["argmax", "mean", "median"]
 
 
 def history_window(
@@ -60,7 +65,9 @@ class PlannerPolicy:
 
     - argmax: the most probable level of each drug's policy head (no search);
     - beam: RL-DITR's beam search over the learned model (`BeamConfig`);
-    - mcts: the batched MCTS (`dosewise.planner.mcts`, its `MCTSConfig`).
+    - mcts: the batched MCTS (`dosewise.planner.mcts`, its `MCTSConfig`);
+    - mpc: short-horizon MPC with the explicit reward over the BIS and MAP heads (`MPCConfig`).
+    `decoding` turns the policy head into a rate in the argmax mode (`decode_levels`).
     `max_rate` / `min_rate` (mL/h, propofol and remifentanil) restrict every mode.
     """
 
@@ -71,6 +78,8 @@ class PlannerPolicy:
         *,
         beam: BeamConfig | None = None,
         mcts=None,
+        mpc: MPCConfig | None = None,
+        decoding: Decoding = "argmax",
         max_rate: tuple[int, int] = (200, 200),
         min_rate: tuple[int, int] = (0, 0),
         induction_s: float = 600.0,
@@ -78,7 +87,8 @@ class PlannerPolicy:
         seed: int = 0,
     ) -> None:
         self.model = model.eval()
-        self.mode, self.beam, self.mcts = mode, beam or BeamConfig(), mcts
+        self.mode, self.beam, self.mcts, self.mpc = mode, beam or BeamConfig(), mcts, mpc
+        self.decoding = decoding
         self.max_rate, self.min_rate = max_rate, min_rate
         self.induction_s, self.step_s = induction_s, step_s
         self.generator = torch.Generator().manual_seed(seed)
@@ -91,7 +101,7 @@ class PlannerPolicy:
         allowed = dose_mask(window.shape[0], self.max_rate, self.min_rate)
         if self.mode == "argmax":
             memory, _ = self.model.represent(*inputs)
-            levels = masked_log_policy(self.model, memory[:, -1], allowed).argmax(-1)
+            levels = decode_levels(masked_log_policy(self.model, memory[:, -1], allowed), self.decoding)
         elif self.mode == "beam":
             levels = beam_search(self.model, *inputs, self.beam, allowed).action
         elif self.mode == "mcts":
@@ -100,10 +110,28 @@ class PlannerPolicy:
             config = self.mcts or MCTSConfig(max_depth=self.model.pre_len)
             root, recurrent = planner_search_fns(self.model, *inputs, max_depth=config.max_depth)
             levels = search(root, recurrent, config, invalid_actions=~allowed, generator=self.generator).action
+        elif self.mode == "mpc":
+            config = self.mpc or MPCConfig(horizon=self.model.pre_len)
+            levels = mpc_plan(self.model, *inputs, config, allowed).action
         else:
-            raise ValueError(f"unknown planning mode {self.mode!r}; expected argmax, beam or mcts")
+            raise ValueError(f"unknown planning mode {self.mode!r}; expected argmax, beam, mcts or mpc")
         levels = levels.numpy()
         return levels[:, 0].astype(np.int64), levels[:, 1].astype(np.int64)
+
+
+def decode_levels(log_policy: Tensor, decoding: Decoding = "argmax") -> Tensor:
+    """One level per drug from log-probabilities [..., 2, A] (masked levels at -inf): the most
+    probable level, the expected level rounded, or the median (the first level whose cumulative
+    probability reaches 1/2)."""
+    if decoding == "argmax":
+        return log_policy.argmax(-1)
+    probs = log_policy.exp()
+    if decoding == "mean":
+        levels = torch.arange(probs.shape[-1], dtype=probs.dtype)
+        return (probs @ levels).round().long()
+    if decoding == "median":
+        return (probs.cumsum(-1) < 0.5).sum(-1).clamp_max(probs.shape[-1] - 1)
+    raise ValueError(f"unknown decoding {decoding!r}; expected argmax, mean or median")
 
 
 def planning_modes(run: PlannerRunConfig) -> dict[str, Callable[[PlannerModel], PlannerPolicy]]:
@@ -117,6 +145,7 @@ def planning_modes(run: PlannerRunConfig) -> dict[str, Callable[[PlannerModel], 
         "argmax": {},
         "beam": {"beam": BeamConfig(gamma=gamma, depth=min(BeamConfig().depth, run.windows.pre_len))},
         "mcts": {"mcts": MCTSConfig(gamma=gamma, max_depth=run.windows.pre_len)},
+        "mpc": {"mpc": loop.mpc.model_copy(update={"horizon": min(loop.mpc.horizon, run.windows.pre_len)})},
     }
     return {
         f"planner_{mode}": (lambda model, mode=mode: PlannerPolicy(model, mode, **settings[mode], **common))

@@ -15,11 +15,14 @@ from dosewise.planner.config import PlannerRunConfig, PlannerTrainConfig
 from dosewise.planner.data import subsample
 from dosewise.planner.training import PlannerRun, train_planner
 
+# The recipe `dosewise train planner` uses without --config (configs/planner.yaml).
+DEFAULT_CONFIG = "planner"
+
 
 def resolve_run(config: str | Path | None, data: str | Path, epochs: int | None = None) -> PlannerRunConfig:
-    """The run config from a YAML file (default: all defaults, the joint strategy), with the
+    """The run config from a YAML file or a named config (default: `planner`, the recipe), with the
     data path recorded and `epochs` overriding train.epochs."""
-    run = load_config(config, PlannerRunConfig) if config else PlannerRunConfig()
+    run = load_config(config or DEFAULT_CONFIG, PlannerRunConfig)
     train = run.train.model_dump()
     if epochs is not None:
         train["epochs"] = epochs
@@ -36,6 +39,8 @@ def train_planner_from_file(
     """Load cases, split by case (train/val; test is kept for later), build windows, train,
     then run the argmax policy closed-loop next to the simulated anesthesiologist on
     `run.closed_loop.cases` held-out simulated cases; writes everything into `out`."""
+    if run.data_path is None:
+        run = run.model_copy(update={"data_path": str(Path(data).resolve())})
     frame, report = load_cases(data, run.data)
     if report.cases_dropped:
         echo(f"dropped {len(report.cases_dropped)} of {report.cases + len(report.cases_dropped)} cases: {report.cases_dropped}")

@@ -370,10 +370,18 @@ class PlannerModule(pl.LightningModule):
         optim = self.run.optim
         groups = self.model.parameter_groups()
         if self.automatic_optimization:
-            return torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-        env = torch.optim.AdamW(groups["env"], lr=optim.lr, weight_decay=optim.weight_decay)
-        policy = torch.optim.AdamW(groups["policy"], lr=optim.policy_lr or optim.lr, weight_decay=optim.weight_decay)
-        return [env, policy]
+            optimisers = [torch.optim.AdamW(self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)]
+        else:
+            optimisers = [
+                torch.optim.AdamW(groups["env"], lr=optim.lr, weight_decay=optim.weight_decay),
+                torch.optim.AdamW(groups["policy"], lr=optim.policy_lr or optim.lr, weight_decay=optim.weight_decay),
+            ]
+        if optim.schedule == "constant":
+            return optimisers if len(optimisers) > 1 else optimisers[0]
+        # Cosine decay over the run, stepped once per epoch (by Lightning, or by hand under manual optimisation).
+        epochs = self.run.train.epochs
+        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs, eta_min=optim.lr * optim.final_lr_factor) for o in optimisers]
+        return optimisers, [{"scheduler": s, "interval": "epoch"} for s in schedulers]
 
     def training_step(self, batch: Batch, batch_idx: int):
         epoch = self.current_epoch
@@ -453,6 +461,9 @@ class PlannerModule(pl.LightningModule):
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization and self.run.optim.schedule != "constant":
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
         elapsed = time.perf_counter() - self._epoch_start
         self.epoch_times.append(elapsed)
         self._record_activation()

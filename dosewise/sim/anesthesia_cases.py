@@ -17,6 +17,7 @@ then averages 76 mmHg and MAP is below 65 about 15 % of the time (bench/anesthes
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -49,6 +50,17 @@ class CaseSpec:
     map_base_sd: float = 8.0
     hr_base: tuple[float, float] = (75.0, 10.0)  # bpm, mean and SD
     stimulation_every_min: float = 20.0  # mean gap between surgical stimulation peaks after incision
+    # A shifted population (robustness checks): age and BMI drawn uniformly from these ranges
+    # instead of the general-surgery distribution, and the BIS response surface's C50 of both
+    # drugs divided by `pd_sensitivity` (> 1: a more sensitive patient, as the elderly are).
+    age_range: tuple[float, float] | None = None
+    bmi_range: tuple[float, float] | None = None
+    pd_sensitivity: float = 1.0
+
+
+# The shifted cohort of the planner benches: elderly (70-90), obese (BMI 30-40), 30 % more
+# sensitive to both hypnotics.
+SHIFTED_SPEC = CaseSpec(age_range=(70.0, 90.0), bmi_range=(30.0, 40.0), pd_sensitivity=1.3)
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,10 @@ def sample_cases(n: int, rng: np.random.Generator, spec: CaseSpec = CaseSpec()) 
     age = np.clip(rng.normal(58, 14, n), 18, 85)
     height = np.clip(np.where(sex == 1, rng.normal(171, 7, n), rng.normal(158, 6, n)), 140, 200)
     bmi = np.clip(rng.normal(24, 3.5, n), 16, 40)
+    if spec.age_range is not None:
+        age = rng.uniform(*spec.age_range, n)
+    if spec.bmi_range is not None:
+        bmi = rng.uniform(*spec.bmi_range, n)
     weight = bmi * (height / 100.0) ** 2
     asa = np.clip(1 + (age > 50) + (rng.random(n) < 0.3), 1, 3).astype(int)
     duration = rng.uniform(*spec.duration_min, n) * 60.0
@@ -168,6 +184,89 @@ class CaseTrajectories:
         return np.arange(self.bis_true.shape[0])[:, None] < (self.steps * self.step_s)[None, :]
 
 
+class CaseRun:
+    """A cohort in surgery, one decision step at a time: `history()` is what a policy sees,
+    `advance(ppf, rftn)` applies the rates for one decision step (the patient model at 1 s),
+    `clone()` copies the whole state (patients, drug amounts, monitor-noise filter, random
+    generator), so a what-if can branch off a case in progress. `run_cases` drives one.
+
+    Patient variability and monitor noise come from ``seed`` alone (not from the policy), so two
+    policies on the same cohort and seed treat the same patients with the same luck.
+    """
+
+    def __init__(
+        self,
+        cohort: CaseCohort,
+        seed: int,
+        spec: CaseSpec = CaseSpec(),
+        propofol_model: str = "Schnider",
+        remifentanil_model: str = "Minto",
+    ) -> None:
+        rng = np.random.default_rng(seed)
+        self.sim = AnesthesiaSimulator(
+            cohort.covariates, 1.0, propofol_model, remifentanil_model,
+            variability=True, noise=True, rng=rng, hemo=case_hemodynamics(cohort),
+        )
+        if spec.pd_sensitivity != 1.0:
+            p = self.sim.bis_params
+            self.sim.bis_params = replace(p, c50p=p.c50p / spec.pd_sensitivity, c50r=p.c50r / spec.pd_sensitivity)
+        self.cohort, self.spec = cohort, spec
+        n, step_s = cohort.n, spec.step_s
+        self.steps = cohort.duration_s // step_s
+        self.horizon = int(self.steps.max())
+        self.vitals = np.zeros((self.horizon, n, len(VITALS)))
+        self.rates = np.zeros((self.horizon, n, 2), dtype=np.int64)
+        self.bis_true = np.zeros((self.horizon * step_s, n), dtype=np.float32)
+        self.map_true = np.zeros((self.horizon * step_s, n), dtype=np.float32)
+        self.vitals[0] = monitors(cohort, np.full(n, 97.4), cohort.map_base, np.zeros(n), np.zeros((n, 2)))
+        self.noise = self.sim.noise  # monitor noise, applied by hand on the charted values
+        self.sim.noise = None  # the simulator returns noise-free values; truths are recorded from them
+        self.k = 0  # the next decision step
+
+    @property
+    def done(self) -> bool:
+        return self.k >= self.horizon
+
+    def history(self) -> CaseHistory:
+        k = self.k
+        return CaseHistory(
+            t=k, vitals=self.vitals[: k + 1].transpose(1, 0, 2), rates=self.rates[:k].transpose(1, 0, 2), cohort=self.cohort
+        )
+
+    def advance(self, ppf: np.ndarray, rftn: np.ndarray) -> None:
+        """Hold the rates (mL/h, rounded and clipped to the pump's 0..200) for one decision step."""
+        k, step_s, n = self.k, self.spec.step_s, self.cohort.n
+        ppf = np.clip(np.rint(np.asarray(ppf)), 0, MAX_RATE_ML_H).astype(np.int64)
+        rftn = np.clip(np.rint(np.asarray(rftn)), 0, MAX_RATE_ML_H).astype(np.int64)
+        self.rates[k] = np.stack([np.broadcast_to(ppf, (n,)), np.broadcast_to(rftn, (n,))], axis=1)
+        u_p, u_r = propofol_mg_s(self.rates[k, :, 0]), remifentanil_ug_s(self.rates[k, :, 1])
+        for s in range(step_s):
+            second = k * step_s + s
+            stim = stimulation(self.cohort, second + 1.0)
+            obs = self.sim.step(u_p, u_r, np.concatenate([stim, np.zeros((n, 1))], axis=1))
+            self.bis_true[second], self.map_true[second] = obs.bis, obs.map
+            e_bis, e_map, _ = self.noise.sample()
+        if k + 1 < self.horizon:
+            charted = monitors(self.cohort, np.clip(obs.bis + e_bis, 0.0, 100.0), obs.map + e_map, obs.ce_remifentanil, stim)
+            self.vitals[k + 1] = charted
+        self.k += 1
+
+    def clone(self) -> CaseRun:
+        return copy.deepcopy(self)
+
+    def reseed(self, seed: int) -> None:
+        """Fresh monitor noise from here on (the patients stay who they are)."""
+        rng = np.random.default_rng(seed)
+        self.sim.rng = rng
+        self.noise.rng = rng
+
+    def trajectories(self) -> CaseTrajectories:
+        return CaseTrajectories(
+            vitals=self.vitals, rates=self.rates, bis_true=self.bis_true, map_true=self.map_true,
+            steps=self.steps, step_s=self.spec.step_s,
+        )
+
+
 def run_cases(
     cohort: CaseCohort,
     policy: CasePolicy,
@@ -176,40 +275,9 @@ def run_cases(
     propofol_model: str = "Schnider",
     remifentanil_model: str = "Minto",
 ) -> CaseTrajectories:
-    """Run ``policy`` on every case: decisions every ``spec.step_s`` s, the patient model at 1 s.
-
-    Patient variability and monitor noise come from ``seed`` alone (not from the policy), so two
-    policies on the same cohort and seed treat the same patients with the same luck.
-    """
-    rng = np.random.default_rng(seed)
-    sim = AnesthesiaSimulator(
-        cohort.covariates, 1.0, propofol_model, remifentanil_model,
-        variability=True, noise=True, rng=rng, hemo=case_hemodynamics(cohort),
-    )
-    n, step_s = cohort.n, spec.step_s
-    steps = cohort.duration_s // step_s
-    horizon = int(steps.max())
-    vitals = np.zeros((horizon, n, len(VITALS)))
-    rates = np.zeros((horizon, n, 2), dtype=np.int64)
-    bis_true = np.zeros((horizon * step_s, n), dtype=np.float32)
-    map_true = np.zeros((horizon * step_s, n), dtype=np.float32)
-    vitals[0] = monitors(cohort, np.full(n, 97.4), cohort.map_base, np.zeros(n), np.zeros((n, 2)))
-    noise_state = sim.noise  # monitor noise, re-applied by hand on the charted values below
-    sim.noise = None  # the simulator returns noise-free values; truths are recorded from them
-    for k in range(horizon):
-        history = CaseHistory(t=k, vitals=vitals[: k + 1].transpose(1, 0, 2), rates=rates[:k].transpose(1, 0, 2), cohort=cohort)
-        ppf, rftn = policy(history)
-        ppf = np.clip(np.rint(np.asarray(ppf)), 0, MAX_RATE_ML_H).astype(np.int64)
-        rftn = np.clip(np.rint(np.asarray(rftn)), 0, MAX_RATE_ML_H).astype(np.int64)
-        rates[k] = np.stack([ppf, rftn], axis=1)
-        u_p, u_r = propofol_mg_s(ppf), remifentanil_ug_s(rftn)
-        for s in range(step_s):
-            second = k * step_s + s
-            stim = stimulation(cohort, second + 1.0)
-            obs = sim.step(u_p, u_r, np.concatenate([stim, np.zeros((n, 1))], axis=1))
-            bis_true[second], map_true[second] = obs.bis, obs.map
-            e_bis, e_map, _ = noise_state.sample()
-        if k + 1 < horizon:
-            charted = monitors(cohort, np.clip(obs.bis + e_bis, 0.0, 100.0), obs.map + e_map, obs.ce_remifentanil, stim)
-            vitals[k + 1] = charted
-    return CaseTrajectories(vitals=vitals, rates=rates, bis_true=bis_true, map_true=map_true, steps=steps, step_s=step_s)
+    """Run ``policy`` on every case: decisions every ``spec.step_s`` s, the patient model at 1 s
+    (`CaseRun`; same seed, same patients and monitor noise whatever the policy)."""
+    run = CaseRun(cohort, seed, spec, propofol_model, remifentanil_model)
+    while not run.done:
+        run.advance(*policy(run.history()))
+    return run.trajectories()

@@ -25,3 +25,19 @@ def test_metrics_on_a_hand_made_case():
     assert m["map_median_maintenance"][0] == pytest.approx(80.0)
     assert m["propofol_mg_kg_h"][0] == pytest.approx(600 / cohort.covariates.weight[0])
     assert m["remifentanil_ug_kg_min"][0] == 0.0
+
+
+def test_performance_errors_of_varvel():
+    from dosewise.evaluate.anesthesia_closed_loop import performance_errors
+
+    # Case 0: BIS 40, 50, 60, 70 -> PE -20, 0, 20, 40: MDPE 10, MDAPE 20, wobble median(|-30|, 10, 10, 30) = 20.
+    # Case 1: always 55 -> PE 10 everywhere: MDPE = MDAPE = 10, wobble 0; its last second is masked out.
+    bis = np.array([[40.0, 55.0], [50.0, 55.0], [60.0, 55.0], [70.0, 200.0]])
+    mask = np.array([[True, True], [True, True], [True, True], [True, False]])
+    errors = performance_errors(bis, mask)
+    np.testing.assert_allclose(errors["mdpe"], [10.0, 10.0])
+    np.testing.assert_allclose(errors["mdape"], [20.0, 10.0])
+    np.testing.assert_allclose(errors["wobble"], [20.0, 0.0])
+    # A case without a masked second has no errors (NaN), not a warning.
+    none = performance_errors(bis, np.zeros_like(mask))
+    assert np.isnan(none["mdpe"]).all()

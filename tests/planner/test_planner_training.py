@@ -186,3 +186,17 @@ def test_losses_record_is_frozen_and_sums_env():
     assert losses.as_floats()["env"] == 10.0 and float(losses.env) == 10.0
     with pytest.raises(AttributeError):
         losses.bis = torch.tensor(0.0)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("strategy", ["detach", "alternating"])
+def test_cosine_schedule_decays_the_learning_rate_to_its_floor(tiny_windows, tmp_path, strategy):
+    from dosewise.planner.config import OptimConfig
+
+    base = tiny_run(strategy, epochs=3)
+    run = base.model_copy(update={"optim": OptimConfig(lr=2e-3, schedule="cosine", final_lr_factor=0.1)})
+    trained = train_planner(run, tiny_windows["train"], tiny_windows["val"], tmp_path / strategy)
+    optimisers = trained.module.optimizers()
+    optimisers = optimisers if isinstance(optimisers, list) else [optimisers]
+    for optimiser in optimisers:
+        # After 3 of 3 epochs the cosine is at its end: lr · final_lr_factor.
+        assert optimiser.param_groups[0]["lr"] == pytest.approx(2e-4)

@@ -109,3 +109,49 @@ def test_dataset_columns_and_reproducibility():
     assert frame.groupby("case_id")[["age", "sex", "height", "weight", "asa"]].nunique().eq(1).all().all()
     assert frame.equals(simulate_cases(5, seed=0, spec=SHORT))
     assert not frame.equals(simulate_cases(5, seed=1, spec=SHORT))
+
+
+def test_a_clone_continues_exactly_as_the_original():
+    from dosewise.sim.anesthesia_cases import CaseRun
+
+    cohort = sample_cases(4, np.random.default_rng(8), SHORT)
+    original = CaseRun(cohort, seed=3, spec=SHORT)
+    for _ in range(7):
+        original.advance(np.full(4, 40), np.full(4, 10))
+    branch = original.clone()
+    for run in (original, branch):
+        for _ in range(4):
+            run.advance(np.full(4, 25), np.full(4, 15))
+    np.testing.assert_array_equal(original.vitals, branch.vitals)
+    np.testing.assert_array_equal(original.bis_true, branch.bis_true)
+    # A branch with other rates changes only what comes after the branching point.
+    other = CaseRun(cohort, seed=3, spec=SHORT)
+    for _ in range(7):
+        other.advance(np.full(4, 40), np.full(4, 10))
+    other.advance(np.zeros(4), np.zeros(4))
+    np.testing.assert_array_equal(other.bis_true[: 7 * 60], original.bis_true[: 7 * 60])
+    assert (other.bis_true[8 * 60 - 1] > original.bis_true[8 * 60 - 1]).all()  # no drug for a minute: lighter
+    # Fresh monitor noise: the same patients, other charted values.
+    noisy = original.clone()
+    noisy.reseed(99)
+    same = original.clone()
+    for run in (noisy, same):
+        run.advance(np.full(4, 25), np.full(4, 15))
+    np.testing.assert_array_equal(noisy.bis_true, same.bis_true)
+    assert not np.array_equal(noisy.vitals[noisy.k], same.vitals[same.k])  # charted after the step
+
+
+def test_shifted_cohort_is_old_obese_and_more_sensitive():
+    from dosewise.sim.anesthesia_cases import SHIFTED_SPEC
+
+    spec = CaseSpec(**{**SHIFTED_SPEC.__dict__, "duration_min": (20.0, 20.0)})
+    shifted = sample_cases(200, np.random.default_rng(9), spec)
+    cov = shifted.covariates
+    assert 70 <= cov.age.min() and cov.age.max() <= 90
+    bmi = cov.weight / (cov.height / 100.0) ** 2
+    assert 30 <= bmi.min() and bmi.max() <= 40
+    # The same patients and doses reach a deeper BIS when more sensitive.
+    standard = CaseSpec(**{**spec.__dict__, "pd_sensitivity": 1.0})
+    deep = run_cases(shifted, constant(30, 20), seed=1, spec=spec)
+    usual = run_cases(shifted, constant(30, 20), seed=1, spec=standard)
+    assert deep.bis_true[-60:].mean() < usual.bis_true[-60:].mean() - 3
