@@ -1,8 +1,8 @@
 """Does the planner beat the clinician whose cases it learned from? The default recipe
-(`configs/planner.yaml`) trained on several training seeds, each run closed loop on held-out simulated
-cases from a cohort seed never used for training, next to the simulated anesthesiologist who made the
-training data and the dual-loop PID; then the same on a shifted cohort (age 70-90, BMI 30-40, PD 30 %
-more sensitive). One process per training seed.
+(`configs/planner.yaml`) trained on 1,500 simulated cases with several training seeds, each run
+closed loop on held-out simulated cases from a cohort seed never used for training, next to the
+simulated anesthesiologist who made the training data and the dual-loop PID; then the same on a
+shifted cohort (age 70-90, BMI 30-40, PD 30 % more sensitive). One process per training seed.
 
     python bench/planner_vs_clinician.py [--quick] [--seeds 0 1 2] [--data-seed 0] [--cases 200] [--jobs 2]
         [--json bench/results/planner_vs_clinician.json] [--figure docs/figures/planner_vs_clinician.png]
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--config", default="planner", help="the recipe: a packaged config name or a YAML path")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the training cohort and of the held-out cases")
-    parser.add_argument("--train-cases", type=int, default=None, help="simulated training cases (default: the config's data.cases hint, 500)")
+    parser.add_argument("--train-cases", type=int, default=None, help="simulated training cases (default 1500; 60 with --quick)")
     parser.add_argument("--cases", type=int, default=200, help="held-out cases per cohort")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="planning modes to run closed loop")
@@ -200,7 +200,7 @@ def main() -> None:
 
     seeds = args.seeds[:1] if args.quick else args.seeds
     n_cases = 12 if args.quick else args.cases
-    train_cases = args.train_cases or (60 if args.quick else 500)
+    train_cases = args.train_cases or (60 if args.quick else 1500)
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / f"train_cases_{train_cases}_seed{args.data_seed}.parquet"
     simulate_cases(train_cases, args.data_seed).to_parquet(data)

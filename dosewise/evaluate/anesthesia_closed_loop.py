@@ -72,10 +72,12 @@ def summarize(metrics: dict[str, np.ndarray], seed: int) -> dict[str, dict]:
     """Mean over cases with a 95 % bootstrap interval (cases resampled); NaN cases ignored."""
     n = next(iter(metrics.values())).shape[0]
     indices = bootstrap_indices(n, N_BOOTSTRAP, seed)
-    return {
-        name: bootstrap_ci(lambda idx, v=values: np.nanmean(v[idx], axis=-1), indices, float(np.nanmean(values)))
-        for name, values in metrics.items()
-    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a metric no case reached (never below BIS 60): NaN
+        return {
+            name: bootstrap_ci(lambda idx, v=values: np.nanmean(v[idx], axis=-1), indices, float(np.nanmean(values)))
+            for name, values in metrics.items()
+        }
 
 
 def evaluate_policies(
