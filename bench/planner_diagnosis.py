@@ -102,21 +102,25 @@ def snapshots(n_cases: int, pre_len: int, spec: CaseSpec, seed: int) -> list[tup
     return [(t0, state, run.rates[t0 : t0 + pre_len].transpose(1, 0, 2)) for t0, state in taken.items()]
 
 
+def follow(run: CaseRun, actions: np.ndarray) -> int:
+    """Advance `run` through the actions [N, K, 2]; returns the decision step they started at."""
+    t0 = run.k
+    for j in range(actions.shape[1]):
+        run.advance(actions[:, j, 0], actions[:, j, 1])
+    return t0
+
+
 def charted(run: CaseRun, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Charted (BIS, MAP) after each of the actions [N, K, 2], each [N, K]; `run` is advanced."""
-    t0, k = run.k, actions.shape[1]
-    for j in range(k):
-        run.advance(actions[:, j, 0], actions[:, j, 1])
-    after = run.vitals[t0 + 1 : t0 + k + 1]  # [K, N, 5] charted before the next decisions
+    t0 = follow(run, actions)
+    after = run.vitals[t0 + 1 : t0 + actions.shape[1] + 1]  # [K, N, 5] charted before the next decisions
     return after[..., 0].T, after[..., 1].T
 
 
 def truth(run: CaseRun, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Noise-free (BIS, MAP) at the charting instants after each action, each [N, K]."""
-    t0, k, step_s = run.k, actions.shape[1], run.spec.step_s
-    for j in range(k):
-        run.advance(actions[:, j, 0], actions[:, j, 1])
-    at = (t0 + np.arange(1, k + 1)) * step_s - 1
+    t0 = follow(run, actions)
+    at = (t0 + np.arange(1, actions.shape[1] + 1)) * run.spec.step_s - 1
     return run.bis_true[at].T.astype(np.float64), run.map_true[at].T.astype(np.float64)
 
 

@@ -75,9 +75,7 @@ def recipe(config: str, seed: int, quick: bool, overrides: list[str] = ()) -> Pl
 def evaluate_seed(run_dir: str, n_cases: int, data_seed: int, modes: tuple[str, ...] = MODES) -> dict:
     """Every row of the table on the standard and the shifted held-out cohorts (worker process)."""
     from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
-    from dosewise.planner.beam_search import BeamConfig
-    from dosewise.planner.mcts import MCTSConfig
-    from dosewise.planner.policy import PlannerPolicy
+    from dosewise.planner.policy import planning_modes
     from dosewise.planner.training import load_planner
     from dosewise.sim.anesthesia_cases import SHIFTED_SPEC, CaseSpec
     from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
@@ -85,18 +83,12 @@ def evaluate_seed(run_dir: str, n_cases: int, data_seed: int, modes: tuple[str, 
 
     torch.set_num_threads(1)
     model, run = load_planner(run_dir)
-    gamma, pre_len, loop = run.windows.gamma, run.windows.pre_len, run.closed_loop
-    common = {"max_rate": loop.max_rate, "induction_s": run.windows.induction_s}
-    settings = {
-        "argmax": {},
-        "beam": {"beam": BeamConfig(gamma=gamma, depth=min(3, pre_len))},
-        "mcts": {"mcts": MCTSConfig(num_simulations=50, gamma=gamma, max_depth=pre_len)},
-        "mpc": {"mpc": loop.mpc.model_copy(update={"horizon": min(loop.mpc.horizon, pre_len)})},
-    }
+    # The modes exactly as `dosewise train planner` runs them closed loop (`planning_modes`).
+    modes_run = run.model_copy(update={"closed_loop": run.closed_loop.model_copy(update={"modes": modes})})
     policies = {
         "clinician": lambda cohort: SimulatedAnesthesiologist(cohort, CLINICIAN_SEED + data_seed),
         "pid": lambda cohort: DualLoopPID(cohort),
-        **{f"planner_{mode}": (lambda cohort, mode=mode: PlannerPolicy(model, mode, **settings[mode], **common)) for mode in modes},
+        **{name: (lambda cohort, make=make: make(model)) for name, make in planning_modes(modes_run).items()},
     }
     result = {}
     for cohort_name, spec in (("standard", CaseSpec()), ("shifted", SHIFTED_SPEC)):

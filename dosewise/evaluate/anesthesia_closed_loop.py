@@ -62,7 +62,7 @@ def performance_errors(bis: np.ndarray, mask: np.ndarray, target: float = BIS_TA
     / target at every masked second; MDPE = median PE (bias), MDAPE = median |PE| (inaccuracy),
     wobble = median |PE - MDPE| (variability). bis and mask [T, N] -> each [N] (NaN without data)."""
     pe = np.where(mask, 100.0 * (bis - target) / target, np.nan)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a case without maintenance seconds: NaN
         mdpe = np.nanmedian(pe, axis=0)
         return {"mdpe": mdpe, "mdape": np.nanmedian(np.abs(pe), axis=0), "wobble": np.nanmedian(np.abs(pe - mdpe), axis=0)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,8 +41,7 @@ def reward_tables(reward: AnesthesiaReward, dtype: torch.dtype = torch.float32) 
     """The reward split into a BIS part over the BIS classes [BIS_MAX + 1] and a MAP part over the
     MAP classes [MAP_MAX + 1], r(b, m) = bis_part[b] + map_part[m] (tested), so that the expected
     reward under the model's two categorical predictions is two dot products."""
-    bis = torch.arange(BIS_MAX + 1, dtype=torch.float64).numpy()
-    mean_pressure = torch.arange(MAP_MAX + 1, dtype=torch.float64).numpy()
+    bis, mean_pressure = np.arange(BIS_MAX + 1, dtype=np.float64), np.arange(MAP_MAX + 1, dtype=np.float64)
     no_hypotension = max(float(MAP_MAX), reward.map_low)
     in_band = 0.5 * (reward.bis_low + reward.bis_high)
     bis_part = reward.reward(bis, no_hypotension)
