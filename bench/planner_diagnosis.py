@@ -44,6 +44,7 @@ from dosewise.planner.policy import (
     PlannerPolicy,
     decode_levels,
     history_window,
+    plan_concentrations,
 )
 from dosewise.planner.training import load_planner
 from dosewise.sim.anesthesia_cases import CaseCohort, CaseRun, CaseSpec, sample_cases
@@ -132,9 +133,10 @@ def valid_rows(run: CaseRun, k: int) -> np.ndarray:
 @torch.no_grad()
 def model_prediction(model: PlannerModel, run: CaseRun, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The model's expected charted (BIS, MAP) after each action [N, K, 2] from the charted history."""
-    window, mask, static = history_window(run.history(), model.max_len)
+    window, mask, static = history_window(run.history(), model.max_len, concentrations=model.concentrations)
     memory, padding = model.represent(torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static))
-    states = model.unroll(memory, padding, torch.from_numpy(actions).long())
+    concentrations = torch.from_numpy(plan_concentrations(run.history(), actions)) if model.concentrations else None
+    states = model.unroll(memory, padding, torch.from_numpy(actions).long(), concentrations)
     return expected_class(model.bis_head(states)).double().numpy(), expected_class(model.map_head(states)).double().numpy()
 
 
@@ -281,7 +283,7 @@ class ClonerPolicy:
 
     @torch.no_grad()
     def __call__(self, history):
-        window, mask, static = history_window(history, self.cloner.planner.max_len)
+        window, mask, static = history_window(history, self.cloner.planner.max_len, concentrations=self.cloner.planner.concentrations)
         logits = self.cloner(torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static))
         levels = decode_levels(logits.log_softmax(-1), self.decoding).numpy()
         return levels[:, 0], levels[:, 1]
@@ -292,7 +294,7 @@ def action_errors(model: PlannerModel, cloner: MLPCloner, states) -> dict:
     """|decoded action - the clinician's| per drug at the held-out decisions (mL/h)."""
     errors = {f"{who}_{decoding}": [] for who in ("transformer", "mlp") for decoding in DECODINGS}
     for _, state, actions in states:
-        window, mask, static = (torch.from_numpy(x) for x in history_window(state.history(), model.max_len))
+        window, mask, static = (torch.from_numpy(x) for x in history_window(state.history(), model.max_len, concentrations=model.concentrations))
         memory, _ = model.represent(window, mask, static)
         heads = {"transformer": model.policy_logits(memory[:, -1]).log_softmax(-1), "mlp": cloner(window, mask, static).log_softmax(-1)}
         for who, log_policy in heads.items():
@@ -337,6 +339,7 @@ def main() -> None:
     parser.add_argument("--loop-cases", type=int, default=200, help="held-out cases of the imitation closed loops")
     parser.add_argument("--mlp-steps", type=int, default=4000, help="training steps of the MLP baseline")
     parser.add_argument("--quick", action="store_true", help="few cases and clones: a smoke run")
+    parser.add_argument("--env-only", action="store_true", help="the noise floor and counterfactuals only (no imitation)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/planner_diagnosis.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -360,6 +363,8 @@ def main() -> None:
     for vital in ("bis", "map"):
         o = effects["overall"][vital]
         print(f"  overall d{vital.upper()}: MAE per step {np.round(o['mae'], 2)}, sign agreement {100 * o['sign_agreement']:.1f} % of {o['sign_counted']}")
+    if args.env_only:
+        return
     data = args.data or run.data_path
     if data is None:
         parser.error(f"{args.run} does not record its training data; pass --data")

@@ -23,10 +23,14 @@ from dosewise.data.anesthesia import (
     VITALS,
     AnesthesiaReward,
 )
+from dosewise.sim.anesthesia import Covariates
+from dosewise.sim.anesthesia_cases import PUMP_CONCENTRATIONS, pump_concentrations
 
 # Per-step observation in the history: the vitals at the step, the rates set one step before, and
 # the option flag (1 in the induction phase, the first `WindowConfig.induction_s` of the case).
 HISTORY_FEATURES: tuple[str, ...] = (*VITALS, *(f"prev_{name}" for name in RATES), "option")
+# With `WindowConfig.concentrations`, four more per step: what a TCI pump displays (`pump_concentrations`).
+CONCENTRATION_FEATURES: tuple[str, ...] = PUMP_CONCENTRATIONS
 # Largest class of the categorical BIS target (classes 0..BIS_MAX).
 BIS_MAX = 100
 # Largest class of the categorical MAP target, mmHg (classes 0..MAP_MAX).
@@ -53,6 +57,10 @@ class WindowConfig(BaseModel):
     # The option flag of each history step is 1 during the first `induction_s` seconds of a case
     # (induction: bolus and loss of consciousness) and 0 in maintenance; 0 turns it off.
     induction_s: float = 600.0
+    # Append to every history step the population-PK plasma and effect-site concentrations of both
+    # drugs from all rates since the case start (what a TCI pump displays): the history then carries
+    # infusions older than max_len, and the dose-response the model must learn is closer to linear.
+    concentrations: bool = False
     # Share of cases in (train, val, test); must sum to 1.
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     # Seed of the case split; the same seed and case ids always give the same split.
@@ -85,6 +93,9 @@ class Windows:
     history_mask: np.ndarray  # [W, max_len] bool; True = a real step of the case
     static: np.ndarray  # [W, S] float32; S = len(static_names)
     actions: np.ndarray  # [W, pre_len, 2] int64; rate levels 0..RATE_MAX at t+k, order action_names
+    # [W, pre_len, 4] float32 the pump's concentrations after the action at t+k (at step t+k+1), with
+    # WindowConfig.concentrations; [W, pre_len, 0] without.
+    future_concentrations: np.ndarray
     target_bis: np.ndarray  # [W, pre_len] int64; BIS at t+k+1, rounded, clipped to 0..BIS_MAX
     target_map: np.ndarray  # [W, pre_len] int64; MAP at t+k+1, rounded, clipped to 0..MAP_MAX
     rewards: np.ndarray  # [W, pre_len] float32; reward of reaching step t+k+1
@@ -139,7 +150,12 @@ def build_windows(
     previous_rates[first_of_case] = 0  # nothing was infused before the case started
     elapsed = frame[TIME].to_numpy(np.float64) - frame[TIME].to_numpy(np.float64)[case_start]  # [N] s
     option = (elapsed < window_config.induction_s)[:, None]  # [N, 1] the option flag: induction phase
-    observations = np.concatenate([vitals, previous_rates, option], axis=1).astype(np.float32)  # [N, F]
+    parts = [vitals, previous_rates, option]
+    concentrations = np.zeros((n_steps, 0))
+    if window_config.concentrations:
+        concentrations = _case_concentrations(frame, starts, ends, rates)
+        parts.append(concentrations)
+    observations = np.concatenate(parts, axis=1).astype(np.float32)  # [N, F]
 
     # step_reward[s]: reward of reaching step s+1 (0 on a case's last step, which has no successor).
     has_next = position + 1 < case_end
@@ -166,6 +182,7 @@ def build_windows(
         history_mask=history_mask,
         static=frame[list(COVARIATES)].to_numpy(np.float32)[origin],
         actions=np.where(future_mask[..., None], rates[acted], 0).astype(np.int64),
+        future_concentrations=np.where(future_mask[..., None], concentrations[reached], 0.0).astype(np.float32),
         target_bis=np.where(future_mask, _round_clip(vitals[reached, 0], BIS_MAX), 0),
         target_map=np.where(future_mask, _round_clip(vitals[reached, 1], MAP_MAX), 0),
         rewards=np.where(future_mask, step_reward[acted], 0.0).astype(np.float32),
@@ -173,7 +190,35 @@ def build_windows(
         future_mask=future_mask,
         case_ids=cases[origin],
         times=frame[TIME].to_numpy(np.float64)[origin],
+        feature_names=history_features(window_config),
     )
+
+
+def history_features(config: WindowConfig) -> tuple[str, ...]:
+    """Names of the per-step history features the windows of `config` carry."""
+    return HISTORY_FEATURES + (CONCENTRATION_FEATURES if config.concentrations else ())
+
+
+def _case_concentrations(frame: pd.DataFrame, starts: np.ndarray, ends: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """`pump_concentrations` at every step of every case of a sorted frame: [N, 4], row s the
+    state after the case's rates before step s (all cases at once, padded to the longest)."""
+    lengths = ends - starts
+    longest = int(lengths.max()) if len(starts) else 0
+    time = frame[TIME].to_numpy(np.float64)
+    gaps = time[starts + 1] - time[starts]  # one decision step (build_windows checked they are equal)
+    step_s = float(gaps[lengths > 1][0]) if (lengths > 1).any() else 60.0
+    within = np.arange(longest)[None, :] < lengths[:, None]  # [C, T]
+    index = np.where(within, starts[:, None] + np.arange(longest)[None, :], 0)
+    padded = np.where(within[..., None], rates[index], 0)  # [C, T, 2]
+    first = frame.iloc[starts]
+    covariates = Covariates.from_arrays(
+        first["age"].to_numpy(np.float64), first["height"].to_numpy(np.float64),
+        first["weight"].to_numpy(np.float64), first["sex"].to_numpy(np.float64),
+    )
+    conc = pump_concentrations(covariates, padded, step_s)[:, :-1]  # [C, T, 4] state before step s's rates
+    out = np.zeros((len(frame), len(CONCENTRATION_FEATURES)))
+    out[index[within]] = conc[within]
+    return out
 
 
 def discounted_suffix_sums(rewards: np.ndarray, gamma: float) -> np.ndarray:

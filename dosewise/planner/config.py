@@ -119,6 +119,13 @@ class SearchTrainingConfig(BaseModel):
     mcts_weight: float | None = Field(None, ge=0.0)
     # In return standard deviations (value and reward heads are trained in those units).
     margin: float | None = None
+    # Calibrate the margin instead: once, at the first epoch the search trains the policy, set it to
+    # the quantile of Q_mcts - Q_expert over a fixed sample of training windows that leaves this
+    # share of them active (the seed's healthy activation is 10-40 %). The margin then stays fixed,
+    # so the activation of later epochs shows how the gate drifts. None: the preset's fixed margin.
+    target_activation: float | None = Field(None, gt=0.0, lt=1.0)
+    # Training windows the calibration searches from (seeded sample).
+    calibration_windows: int = Field(1024, ge=16)
     num_simulations: int | None = Field(None, ge=1)
     # None: the preset's (aggressive rolls Stage 2 out with the policy's own actions).
     teacher_forcing: bool | None = None

@@ -44,6 +44,8 @@ N_DRUGS = 2
 PREVIOUS_RATES = slice(N_VITALS, N_VITALS + N_DRUGS)  # history features 5, 6: rates set one step before
 OPTION = N_VITALS + N_DRUGS  # history feature 7: the option flag (1 = induction phase)
 RATE_SCALE = 100.0  # mL/h per unit of a rate's continuous input
+CONCENTRATIONS = slice(OPTION + 1, OPTION + 5)  # history features 8..11 when the windows carry the pump's concentrations
+CONCENTRATION_SCALE = 4.0  # µg/mL (propofol) and ng/mL (remifentanil) per unit of input
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,13 @@ def causal_mask(n: int, device: torch.device | None = None) -> Tensor:
 class PlannerModel(nn.Module):
     """Representation, dynamics and prediction networks of the planner (module docstring)."""
 
-    def __init__(self, config: PlannerModelConfig, max_len: int, pre_len: int, n_static: int = 5) -> None:
+    def __init__(
+        self, config: PlannerModelConfig, max_len: int, pre_len: int, n_static: int = 5, concentrations: bool = False
+    ) -> None:
         super().__init__()
         self.config, self.max_len, self.pre_len, self.n_static = config, max_len, pre_len, n_static
+        # The history carries the pump's plasma and effect-site concentrations (WindowConfig.concentrations).
+        self.concentrations = concentrations
         d = config.d_model
         for name, size in (("vital_mean", N_VITALS), ("static_mean", n_static)):
             self.register_buffer(name, torch.zeros(size))
@@ -122,6 +128,8 @@ class PlannerModel(nn.Module):
         else:
             self.prev_action_in = _mlp(N_DRUGS, d, d)
         self.option_embed = nn.Embedding(2, d)
+        if concentrations:
+            self.concentrations_in = _mlp(CONCENTRATIONS.stop - CONCENTRATIONS.start, d, d)
         self.static_in = nn.Linear(n_static, d)
         self.position = nn.Embedding(max_len + 1, d)
         self.encoder = nn.TransformerEncoder(
@@ -138,6 +146,8 @@ class PlannerModel(nn.Module):
             self.action_embed = nn.ModuleList(nn.Embedding(RATE_LEVELS, d) for _ in range(N_DRUGS))
         else:
             self.action_in = _mlp(N_DRUGS, d, d)
+        if concentrations:  # the pump's concentrations after each planned action
+            self.plan_concentrations_in = _mlp(CONCENTRATIONS.stop - CONCENTRATIONS.start, d, d)
         self.step = nn.Embedding(pre_len, d)
         self.dynamics = nn.TransformerDecoder(
             nn.TransformerDecoderLayer(
@@ -182,7 +192,8 @@ class PlannerModel(nn.Module):
     def represent(self, history: Tensor, history_mask: Tensor, static: Tensor) -> tuple[Tensor, Tensor]:
         """Encode the history.
 
-        history [B, L, 8] float (vitals, the previous propofol and remifentanil rates, the option flag),
+        history [B, L, F] float (vitals, the previous propofol and remifentanil rates, the option flag,
+        and with `concentrations` the pump's four concentrations: F = 8 or 12),
         history_mask [B, L] bool (True = real step), static [B, S] float.
         Returns memory [B, L+1, d] (token 0: covariates) and memory_padding [B, L+1] bool
         (True = padding, to be ignored as a key). The root latent s_0 is memory[:, -1].
@@ -197,6 +208,8 @@ class PlannerModel(nn.Module):
         previous = history[..., PREVIOUS_RATES].round().long().clamp(0, RATE_MAX)
         option = history[..., OPTION].round().long().clamp(0, 1)
         steps = self.vitals_in(vitals) + self.option_embed(option) + self.rate_tokens(previous, previous=True)
+        if self.concentrations:
+            steps = steps + self._head(self.concentrations_in, history[..., CONCENTRATIONS] / CONCENTRATION_SCALE)
         covariates = self.static_in((static - self.static_mean) / self.static_std).unsqueeze(1)
         tokens = torch.cat([covariates, steps], dim=1) + self.position.weight[: history.shape[1] + 1]
         padding = torch.cat([torch.zeros_like(history_mask[:, :1]), ~history_mask.bool()], dim=1)
@@ -241,17 +254,30 @@ class PlannerModel(nn.Module):
         head = self.prev_action_in if previous else self.action_in
         return self._head(head, rates.to(self.root_in.weight.dtype) / RATE_SCALE)
 
-    def unroll(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
+    def action_tokens(self, actions: Tensor, concentrations: Tensor | None) -> Tensor:
+        """The dynamics' input of each planned action: actions [..., k, 2] int and, for a model with
+        `concentrations`, the pump's concentrations after each action [..., k, 4] -> [..., k, d]."""
+        tokens = self.step.weight[: actions.shape[-2]] + self.rate_tokens(actions)
+        if not self.concentrations:
+            return tokens
+        if concentrations is None or concentrations.shape[-1] != CONCENTRATIONS.stop - CONCENTRATIONS.start:
+            raise ValueError("this model plans with the pump's concentrations after each action: pass concentrations [..., k, 4]")
+        return tokens + self._head(self.plan_concentrations_in, concentrations.to(tokens.dtype) / CONCENTRATION_SCALE)
+
+    def unroll(self, memory: Tensor, memory_padding: Tensor, actions: Tensor, concentrations: Tensor | None = None) -> Tensor:
         """Latent states after each action pair: actions [B, k, 2] int (k <= K) -> [B, k, d],
-        row j being s_{j+1}. Output j depends on actions 0..j only."""
+        row j being s_{j+1}. Output j depends on actions 0..j only. `concentrations` [B, k, 4]:
+        the pump's concentrations after each action (models with `concentrations` only)."""
         k = actions.shape[1]
         root = self.root_in(memory[:, -1]).unsqueeze(1)  # [B, 1, d]
-        tokens = root + self.step.weight[:k] + self.rate_tokens(actions)
+        tokens = root + self.action_tokens(actions, concentrations)
         return self.dynamics(
             tokens, memory, tgt_mask=causal_mask(k, tokens.device), memory_key_padding_mask=memory_padding
         )
 
-    def unroll_candidates(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
+    def unroll_candidates(
+        self, memory: Tensor, memory_padding: Tensor, actions: Tensor, concentrations: Tensor | None = None
+    ) -> Tensor:
         """Latent states of C candidate action sequences per row, sharing the row's history:
         actions [B, C, k, 2] int -> [B, C, k, d], row [b, c, j] being s_{j+1} under candidate c.
 
@@ -263,7 +289,7 @@ class PlannerModel(nn.Module):
         b, c, k, _ = actions.shape
         d, heads = self.config.d_model, self.config.n_heads
         root = self.root_in(memory[:, -1])[:, None, None]  # [B, 1, 1, d]
-        x = (root + self.step.weight[:k] + self.rate_tokens(actions)).reshape(b * c, k, d)
+        x = (root + self.action_tokens(actions, concentrations)).reshape(b * c, k, d)
         causal = torch.zeros(k, k, dtype=x.dtype, device=x.device).masked_fill_(causal_mask(k, x.device), -math.inf)
         keep = torch.zeros(memory_padding.shape, dtype=x.dtype, device=x.device).masked_fill_(memory_padding, -math.inf)
         keep = keep[:, None, None, :]  # [B, 1, 1, L+1]
@@ -305,10 +331,13 @@ class PlannerModel(nn.Module):
         """states [..., d] (s_{k+1}) -> [...] normalised reward of the action that led there."""
         return self._head(self.reward_head, states).squeeze(-1)
 
-    def forward(self, history: Tensor, history_mask: Tensor, static: Tensor, actions: Tensor) -> PlannerOutput:
-        """Unroll the dynamics with the given actions [B, K, 2] (the true ones in Stage 1)."""
+    def forward(
+        self, history: Tensor, history_mask: Tensor, static: Tensor, actions: Tensor, concentrations: Tensor | None = None
+    ) -> PlannerOutput:
+        """Unroll the dynamics with the given actions [B, K, 2] (the true ones in Stage 1) and, for
+        a model with `concentrations`, the pump's concentrations after them [B, K, 4]."""
         memory, padding = self.represent(history, history_mask, static)
-        after = self.unroll(memory, padding, actions)  # [B, K, d] s_1..s_K
+        after = self.unroll(memory, padding, actions, concentrations)  # [B, K, d] s_1..s_K
         states = torch.cat([memory[:, -1:], after], dim=1)  # [B, K+1, d]
         before = states[:, :-1]
         return PlannerOutput(

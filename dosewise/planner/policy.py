@@ -23,7 +23,8 @@ from dosewise.planner.beam_search import (
 from dosewise.planner.config import PlannerRunConfig
 from dosewise.planner.model import PlannerModel
 from dosewise.planner.mpc import MPCConfig, mpc_plan
-from dosewise.sim.anesthesia_cases import CaseCohort, CaseHistory, CaseSpec
+from dosewise.sim.anesthesia import Covariates
+from dosewise.sim.anesthesia_cases import CaseCohort, CaseHistory, CaseSpec, PumpPK
 from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
 
 PlanningMode = Literal["argmax", "beam", "mcts", "mpc"]
@@ -33,13 +34,14 @@ Decoding = Literal["argmax", "mean", "median"]
 
 
 def history_window(
-    history: CaseHistory, max_len: int, induction_s: float = 600.0, step_s: int = 60
+    history: CaseHistory, max_len: int, induction_s: float = 600.0, step_s: int = 60, concentrations: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model's input at decision step t, as `build_windows` makes it from a charted case.
 
-    Returns history [N, max_len, 8] float32 (vitals rounded to 0.1 as the charted dataset is,
+    Returns history [N, max_len, F] float32 (vitals rounded to 0.1 as the charted dataset is,
     the rates set one step before, 0 before the case, and the option flag: 1 while the step is
-    within the first `induction_s` seconds), history_mask [N, max_len] bool (real steps
+    within the first `induction_s` seconds; F = 8, or 12 with `concentrations`: the pump's
+    concentrations from every rate since the case start, `pump_concentrations`), history_mask [N, max_len] bool (real steps
     right-aligned) and static [N, 5] float32 (age, sex, height, weight, asa, rounded like
     `simulate_cases`).
     """
@@ -47,17 +49,38 @@ def history_window(
     previous = np.zeros((n, t + 1, 2), dtype=np.float64)
     previous[:, 1:] = history.rates[:, :t]
     option = np.broadcast_to((np.arange(t + 1) * step_s < induction_s)[None, :, None], (n, t + 1, 1))
-    steps = np.concatenate([np.round(history.vitals, 1), previous, option], axis=2)[:, -max_len:]  # [N, <=L, 8]
+    cov = history.cohort.covariates
+    static = np.stack(
+        [np.round(cov.age), cov.sex, np.round(cov.height, 1), np.round(cov.weight, 1), history.cohort.asa], axis=1
+    ).astype(np.float32)
+    parts = [np.round(history.vitals, 1), previous, option]
+    if concentrations:
+        pump = case_pump(history, step_s)
+        parts.append(pump.concentrations(pump.run(history.rates)))
+    steps = np.concatenate(parts, axis=2)[:, -max_len:]  # [N, <=L, F]
     real = steps.shape[1]
     window = np.zeros((n, max_len, steps.shape[2]), dtype=np.float32)
     window[:, max_len - real :] = steps
     mask = np.zeros((n, max_len), dtype=bool)
     mask[:, max_len - real :] = True
-    cov = history.cohort.covariates
-    static = np.stack(
-        [np.round(cov.age), cov.sex, np.round(cov.height, 1), np.round(cov.weight, 1), history.cohort.asa], axis=1
-    ).astype(np.float32)
     return window, mask, static
+
+
+def case_pump(history: CaseHistory, step_s: int = 60) -> PumpPK:
+    """The pump's PK model of each case from its charted covariates (rounded as `simulate_cases`
+    writes them, so that inference sees what `build_windows` computed from the dataset)."""
+    cov = history.cohort.covariates
+    charted = Covariates.from_arrays(np.round(cov.age), np.round(cov.height, 1), np.round(cov.weight, 1), cov.sex)
+    return PumpPK.typical(charted, step_s)
+
+
+def plan_concentrations(history: CaseHistory, plans: np.ndarray, step_s: int = 60) -> np.ndarray:
+    """The pump's concentrations after each step of plans [N, ..., k, 2] (mL/h) that start at the
+    history's decision step: [N, ..., k, 4] float32, the dynamics' input of a model with
+    `concentrations`."""
+    pump = case_pump(history, step_s)
+    now = tuple(state[:, -1] for state in pump.run(history.rates))
+    return pump.concentrations(pump.run(plans, start=now))[..., 1:, :].astype(np.float32)
 
 
 class PlannerPolicy:
@@ -96,7 +119,9 @@ class PlannerPolicy:
 
     @torch.no_grad()
     def __call__(self, history: CaseHistory) -> tuple[np.ndarray, np.ndarray]:
-        window, mask, static = history_window(history, self.model.max_len, self.induction_s, self.step_s)
+        window, mask, static = history_window(
+            history, self.model.max_len, self.induction_s, self.step_s, self.model.concentrations
+        )
         inputs = torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static)
         allowed = dose_mask(window.shape[0], self.max_rate, self.min_rate)
         if self.mode == "argmax":

@@ -135,9 +135,10 @@ def search_targets(
     generator: torch.Generator,
     memory: Tensor | None = None,
     padding: Tensor | None = None,
+    margin: float | None = None,
 ) -> SearchTargets:
     """Search from every window's state_0 (one batched MCTS over the whole batch), then gate the
-    search's action by the margin over the clinician's. memory/padding: the encoded history
+    search's action by the margin over the clinician's (`margin`, default the config's). memory/padding: the encoded history
     when the caller has it (a training step's forward pass), else it is encoded here."""
     from dosewise.planner.mcts import (
         MCTSConfig,
@@ -168,7 +169,8 @@ def search_targets(
             for chosen in (action, batch["actions"][:, 0])
         )
     action, q_mcts, q_expert = action.clone(), q_mcts.clone(), q_expert.clone()
-    weight = (q_mcts > q_expert + float(search.resolved("margin"))).to(q_mcts.dtype)
+    margin = float(search.resolved("margin")) if margin is None else margin
+    weight = (q_mcts > q_expert + margin).to(q_mcts.dtype)
     return SearchTargets(action=action, weight=weight, q_mcts=q_mcts, q_expert=q_expert)
 
 
@@ -185,7 +187,7 @@ def planner_losses(
 ) -> tuple[PlannerLosses, PlannerOutput]:
     """Stage 1 and Stage 2 losses of one batch (one forward pass with the true actions); with a
     `search_step`, the policy loss is bc_weight · BC + mcts_weight · mean(w · CE) on its targets."""
-    out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
+    out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"], batch.get("future_concentrations"))
     bis, map_, reward, value = stage1_losses(model, out, batch)
     targets = search_step(batch, out) if search_step is not None else None
     logits = model.policy_logits(stage2_states(model, out, batch, strategy))
@@ -219,7 +221,7 @@ def policy_pass_loss(
 ) -> Tensor:
     """Stage 2 alone, on states of the env model as it stands (no gradient reaches it)."""
     with torch.no_grad():
-        out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
+        out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"], batch.get("future_concentrations"))
         states = stage2_states(model, out, batch, strategy)
         targets = search_step(batch, out) if search_step is not None else None
     return stage2_loss(model.policy_logits(states), batch, search, targets)
@@ -350,10 +352,17 @@ class PlannerModule(pl.LightningModule):
             rollout = "teacher" if run.search.resolved("teacher_forcing") else "policy"
             self.strategy = run.strategy.model_copy(update={"stage2_rollout": rollout})
         self.search_generator = torch.Generator().manual_seed(run.train.seed + 7919)
+        # The gate's margin: the preset's, or None until `calibrate_margin` sets it (target_activation).
+        self.margin: float | None = None
+        if run.search.enabled and run.search.target_activation is None:
+            self.margin = float(run.search.resolved("margin"))
+        # Training windows the margin is calibrated on (`train_planner` sets them), and the result.
+        self.calibration: Batch | None = None
+        self.calibrated: dict[str, float] | None = None
         self.activation: list[dict[str, float]] = []  # per epoch: share of windows with weight 1
         self.search_alarms: list[dict[str, Any]] = []
         self._weights: list[Tensor] = []
-        self.model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
+        self.model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len, concentrations=run.windows.concentrations)
         if stats is not None:
             self.model.set_stats(stats)
         self.automatic_optimization = run.strategy.name != "alternating"
@@ -401,7 +410,7 @@ class PlannerModule(pl.LightningModule):
     def _alternating_env_step(self, batch: Batch, size: int) -> None:
         """Alternating (the seed's solution 3), env pass: each epoch first passes over all
         minibatches stepping the env model on the env loss (Stage 1 only) with its own optimiser ..."""
-        out = self.model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
+        out = self.model(batch["history"], batch["history_mask"], batch["static"], batch["actions"], batch.get("future_concentrations"))
         stage1 = dict(zip(("bis", "map", "reward", "value"), stage1_losses(self.model, out, batch)))
         env = sum(stage1.values())
         for name, value in {**stage1, "env": env}.items():
@@ -430,10 +439,30 @@ class PlannerModule(pl.LightningModule):
         """MCTS targets for the batch from the forward pass's encoded history (weights kept for
         the epoch's activation rate)."""
         targets = search_targets(
-            self.model, batch, self.search, self.run.windows.gamma, self.search_generator, out.memory, out.memory_padding
+            self.model, batch, self.search, self.run.windows.gamma, self.search_generator, out.memory, out.memory_padding,
+            margin=self.margin,
         )
         self._weights.append(targets.weight)
         return targets
+
+    def calibrate_margin(self) -> None:
+        """Set the margin to the (1 - target_activation) quantile of Q_mcts - Q_expert over the
+        calibration windows, searched as training will search them (own generator: training's
+        search draws are unchanged by the calibration)."""
+        if self.calibration is None:
+            raise RuntimeError("search.target_activation needs calibration windows; train with train_planner")
+        was_training = self.model.training
+        self.model.eval()
+        generator = torch.Generator().manual_seed(self.run.train.seed + 104729)
+        gaps = []
+        for start in range(0, len(self.calibration["history"]), self.run.train.batch_size):
+            batch = {name: t[start : start + self.run.train.batch_size] for name, t in self.calibration.items()}
+            targets = search_targets(self.model, batch, self.search, self.run.windows.gamma, generator, margin=0.0)
+            gaps.append(targets.q_mcts - targets.q_expert)
+        self.model.train(was_training)
+        self.margin = float(torch.quantile(torch.cat(gaps).double(), 1.0 - float(self.search.target_activation)))
+        self.calibrated = {"epoch": self.current_epoch, "margin": self.margin, "windows": int(sum(len(g) for g in gaps))}
+        log.info("MCTS margin calibrated to %.4f return SDs at epoch %d", self.margin, self.current_epoch)
 
     def _record_activation(self) -> None:
         """The epoch's MCTS activation rate (share of windows whose target is the search's action),
@@ -459,6 +488,8 @@ class PlannerModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
+        if self.search.enabled and self.margin is None and policy_active(self.strategy, self.current_epoch):
+            self.calibrate_margin()
 
     def on_train_epoch_end(self) -> None:
         if not self.automatic_optimization and self.run.optim.schedule != "constant":
@@ -525,7 +556,7 @@ def load_planner(path: str | Path) -> tuple[PlannerModel, PlannerRunConfig]:
         path = path / "model.pt"
     saved = load_safe(path, MODEL_FORMAT)
     run = PlannerRunConfig.model_validate(saved["config"])
-    model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len)
+    model = PlannerModel(run.model, run.windows.max_len, run.windows.pre_len, concentrations=run.windows.concentrations)
     model.load_state_dict(saved["state_dict"])
     return model.eval(), run
 
@@ -549,6 +580,10 @@ def train_planner(
     train_tensors, val_tensors = window_tensors(train, gamma), window_tensors(val, gamma)
     stats = PlannerStats.from_windows(train)
     module = PlannerModule(run, stats)
+    if run.search.enabled and run.search.target_activation is not None:
+        rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(run.train.seed + 15485863))
+        rows = rows[: run.search.calibration_windows]
+        module.calibration = {name: tensor[rows] for name, tensor in train_tensors.items()}
     passes = 2 if run.strategy.name == "alternating" else 1
     train_loader = batch_loader(
         train_tensors, run.train.batch_size, shuffle=True, seed=run.train.seed, passes=passes,
@@ -628,6 +663,8 @@ def build_summary(module: PlannerModule, run: PlannerRunConfig, n_train: int, n_
         "alarms": list(module.monitor.alarms),
         "search": {
             **run.search.model_dump(mode="json"),
+            "margin_used": module.margin,
+            "margin_calibration": module.calibrated,
             "activation": module.activation,
             "activation_alarms": module.search_alarms,
         },

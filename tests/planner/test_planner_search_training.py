@@ -4,6 +4,7 @@ recorded with its alarm, and detach still keeps Stage 2 out of the environment m
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -92,3 +93,26 @@ def test_activation_rate_is_recorded_and_alarms(tiny_windows, tmp_path):
     assert [entry["rate"] for entry in summary["search"]["activation"]] == [1.0, 1.0]
     assert [alarm["epoch"] for alarm in summary["search"]["activation_alarms"]] == [0, 1]
     assert summary["stage2_rollout"] == "policy"  # aggressive: no teacher forcing
+
+
+def test_calibrated_margin_activates_the_target_share_of_the_calibration_windows(tiny_windows, tmp_path):
+    """With target_activation the margin is set once, at the first searching epoch, to the quantile
+    of Q_mcts - Q_expert over the calibration windows; searched again with the same draws, those
+    windows are active at the target share, and training uses that margin from then on."""
+    n = len(tiny_windows["train"])
+    search = SearchTrainingConfig(preset="balanced", num_simulations=4, target_activation=0.25, calibration_windows=n)
+    run = tiny_run("warmup", epochs=3, warmup_epochs=1).model_copy(update={"search": search})
+    trained = train_planner(run, tiny_windows["train"], tiny_windows["val"], tmp_path)
+    calibration = trained.summary["search"]["margin_calibration"]
+    assert calibration["epoch"] == 1 and calibration["windows"] == n  # the first epoch after the warm-up
+    assert trained.summary["search"]["margin_used"] == calibration["margin"]
+    assert [entry["epoch"] for entry in trained.summary["search"]["activation"]] == [1, 2]
+
+    module = trained.module  # calibrating again on the trained model gives its own quantile, same rule
+    module.calibrate_margin()
+    generator = torch.Generator().manual_seed(run.train.seed + 104729)
+    batch = module.calibration
+    targets = search_targets(module.model.eval(), batch, search, run.windows.gamma, generator, margin=module.margin)
+    assert abs(float(targets.weight.mean()) - 0.25) <= 1.5 / n + 1e-9
+    with pytest.raises(ValueError, match="target_activation"):
+        SearchTrainingConfig(preset="balanced", target_activation=1.5)
