@@ -44,10 +44,9 @@ from dosewise.planner.policy import (
     PlannerPolicy,
     decode_levels,
     history_window,
-    plan_concentrations,
 )
 from dosewise.planner.training import load_planner
-from dosewise.sim.anesthesia_cases import CaseCohort, CaseRun, CaseSpec, sample_cases
+from dosewise.sim.anesthesia_cases import CaseCohort, CaseRun, CaseSpec, sample_cases, stimulation
 from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
 
 DECISION_MINUTES = (15, 30, 45, 60, 90)
@@ -135,8 +134,7 @@ def model_prediction(model: PlannerModel, run: CaseRun, actions: np.ndarray) -> 
     """The model's expected charted (BIS, MAP) after each action [N, K, 2] from the charted history."""
     window, mask, static = history_window(run.history(), model.max_len, concentrations=model.concentrations)
     memory, padding = model.represent(torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static))
-    concentrations = torch.from_numpy(plan_concentrations(run.history(), actions)) if model.concentrations else None
-    states = model.unroll(memory, padding, torch.from_numpy(actions).long(), concentrations)
+    states = model.unroll(memory, padding, torch.from_numpy(actions).long())
     return expected_class(model.bis_head(states)).double().numpy(), expected_class(model.map_head(states)).double().numpy()
 
 
@@ -172,6 +170,85 @@ def noise_floor(model: PlannerModel, states, clones: int, spec: CaseSpec, seed: 
         "bis_ratio": (per_h["model_bis"] / per_h["oracle_bis"]).tolist(),
         "map_ratio": (per_h["model_map"] / per_h["oracle_map"]).tolist(),
     }
+
+
+# -- 1b. what the charted history allows ---------------------------------------------------------
+
+CEILING_STEPS = 16  # history steps the one-step predictors see
+# Inputs of the one-step predictors: the charted history only (what any model of the data sees),
+# the same with the noise-free BIS in place of the charted one, and that plus the surgical
+# stimulation at the decision (both privileged: no dataset has them).
+CEILING_INPUTS = ("charted", "noise-free BIS", "noise-free BIS + stimulation")
+
+
+def ceiling_features(run: CaseRun, t: int, rows: np.ndarray, action: np.ndarray, inputs: str) -> np.ndarray:
+    """[n, F] float32 input of a one-step BIS predictor at decision t of `run`, cases `rows`: the
+    last CEILING_STEPS charted vitals (BIS noise-free with a privileged `inputs`), the rates set
+    one step before each, a real-step flag, the induction flag, the covariates, the action at t
+    [n, 2], and with "+ stimulation" the stimulation's BIS and MAP parts at t."""
+    steps = np.arange(max(0, t - CEILING_STEPS + 1), t + 1)
+    vitals = run.vitals[steps][:, rows].transpose(1, 0, 2).copy()  # [n, s, 5]
+    if inputs != "charted":  # what the monitor would chart without its noise (97.4 before induction)
+        clean = run.bis_true[np.maximum(steps * run.spec.step_s - 1, 0)][:, rows].T
+        vitals[..., 0] = np.where(steps == 0, 97.4, clean)
+    before = np.where((steps > 0)[None, :, None], run.rates[np.maximum(steps - 1, 0)][:, rows].transpose(1, 0, 2), 0)
+    x = np.zeros((len(rows), CEILING_STEPS, 8))
+    x[:, CEILING_STEPS - len(steps):, :5] = (vitals - [50.0, 80.0, 110.0, 60.0, 70.0]) / [15.0, 15.0, 20.0, 12.0, 12.0]
+    x[:, CEILING_STEPS - len(steps):, 5:7] = before / 100.0
+    x[:, CEILING_STEPS - len(steps):, 7] = 1.0
+    cov = run.cohort.covariates
+    extra = [
+        np.stack([(cov.age[rows] - 58) / 14, cov.sex[rows], (cov.height[rows] - 165) / 9, (cov.weight[rows] - 65) / 12,
+                  np.full(len(rows), float(t * run.spec.step_s < 600))], axis=1),
+        np.asarray(action, dtype=np.float64) / 100.0,
+    ]
+    if inputs.endswith("stimulation"):
+        extra.append(stimulation(run.cohort, t * float(run.spec.step_s))[rows] / 10.0)
+    return np.concatenate([x.reshape(len(rows), -1), *extra], axis=1).astype(np.float32)
+
+
+def information_ceiling(states, n_cases: int, steps: int, spec: CaseSpec, seed: int, oracle_h1: float) -> dict:
+    """One-step BIS predictors (a 2-layer MLP to the 101 BIS classes, expected value) trained on
+    `n_cases` fresh simulated cases under the clinician, one per `CEILING_INPUTS`, tested on the
+    noise floor's states: how close to the oracle a learner gets from the charted history, and
+    how much of the rest is measurement noise and stimulation that no dataset records."""
+    cohort = sample_cases(n_cases, np.random.default_rng(seed), spec)
+    clinician = SimulatedAnesthesiologist(cohort, seed + 1, step_s=spec.step_s)
+    run = CaseRun(cohort, seed + 2, spec)
+    while not run.done:
+        run.advance(*clinician(run.history()))
+    result = {"train_cases": n_cases, "train_steps": steps, "history_steps": CEILING_STEPS, "h1_bis_mae": {}, "ratio": {}}
+    for inputs in CEILING_INPUTS:
+        x, y = [], []
+        for t in range(run.horizon - 1):
+            rows = np.flatnonzero(run.steps > t + 1)
+            x.append(ceiling_features(run, t, rows, run.rates[t, rows], inputs))
+            y.append(np.clip(np.floor(run.vitals[t + 1, rows, 0] + 0.5), 0, 100))
+        features, targets = torch.from_numpy(np.concatenate(x)), torch.from_numpy(np.concatenate(y)).long()
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(features.shape[1], 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 101))
+        optimiser = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            index = torch.randint(0, len(targets), (256,), generator=generator)
+            loss = nn.functional.cross_entropy(net(features[index]), targets[index])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+        errors = []
+        for t0, state, actions in states:
+            rows = np.flatnonzero(valid_rows(state, actions.shape[1]))
+            observed, _ = charted(state.clone(), actions)
+            with torch.no_grad():
+                logits = net(torch.from_numpy(ceiling_features(state, t0, rows, actions[rows, 0], inputs)))
+            predicted = (logits.softmax(-1) @ torch.arange(101.0)).numpy()
+            errors.append(np.abs(predicted - np.round(observed[rows, 0])))
+        mae = float(np.concatenate(errors).mean())
+        result["h1_bis_mae"][inputs] = mae
+        result["ratio"][inputs] = mae / oracle_h1
+    return result
 
 
 # -- 2. counterfactual accuracy -----------------------------------------------------------------
@@ -330,44 +407,11 @@ def imitation(model: PlannerModel, cloner: MLPCloner, states, loop_cases: int, s
 # -- entry point --------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a trained planner run directory")
-    parser.add_argument("--data", type=Path, help="the run's training cases (default: the path its config records)")
-    parser.add_argument("--cases", type=int, default=100, help="held-out cases whose states are tested")
-    parser.add_argument("--clones", type=int, default=32, help="simulator clones per state for the noise floor")
-    parser.add_argument("--loop-cases", type=int, default=200, help="held-out cases of the imitation closed loops")
-    parser.add_argument("--mlp-steps", type=int, default=4000, help="training steps of the MLP baseline")
-    parser.add_argument("--quick", action="store_true", help="few cases and clones: a smoke run")
-    parser.add_argument("--env-only", action="store_true", help="the noise floor and counterfactuals only (no imitation)")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/planner_diagnosis.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    if args.quick:
-        args.cases, args.clones, args.loop_cases, args.mlp_steps = 12, 4, 12, 200
-    model, run = load_planner(args.run)
-    spec = CaseSpec()
-    started = time.perf_counter()
-    states = snapshots(args.cases, model.pre_len, spec, HELD_OUT_SEED)
-    floor = noise_floor(model, states, args.clones, spec, HELD_OUT_SEED + 10)
-    print(f"noise floor ({floor['states']} states x {args.clones} clones), per horizon step 1..{model.pre_len}")
-    for vital in ("bis", "map"):
-        print(f"  {vital.upper()} MAE oracle {np.round(floor[f'oracle_{vital}_mae'], 2)}  model {np.round(floor[f'model_{vital}_mae'], 2)}"
-              f"  ratio {np.round(floor[f'{vital}_ratio'], 2)}")
-    effects = counterfactual(model, states)
-    print("counterfactual change over horizon steps 1..K, true vs model (mean), sign agreement where |true| >= 1")
-    for name, entry in effects["variants"].items():
-        b = entry["bis"]
-        print(f"  {name:<34} dBIS true {np.round(b['true_mean'], 1)} model {np.round(b['pred_mean'], 1)} "
-              f"sign {100 * b['sign_agreement']:5.1f} % (n {b['sign_counted']}); dMAP sign {100 * entry['map']['sign_agreement']:5.1f} %")
-    for vital in ("bis", "map"):
-        o = effects["overall"][vital]
-        print(f"  overall d{vital.upper()}: MAE per step {np.round(o['mae'], 2)}, sign agreement {100 * o['sign_agreement']:.1f} % of {o['sign_counted']}")
-    if args.env_only:
-        return
+def imitation_section(args: argparse.Namespace, model: PlannerModel, run, states, spec: CaseSpec) -> dict:
+    """Section 3 of the diagnosis, printed: the MLP baseline trained on the run's training windows."""
     data = args.data or run.data_path
     if data is None:
-        parser.error(f"{args.run} does not record its training data; pass --data")
+        raise SystemExit(f"{args.run} does not record its training data; pass --data")
     frame, _ = load_cases(data, run.data)
     train_windows = build_windows(split_by_case(frame, run.windows)["train"], run.windows)
     cloner = train_mlp_cloner(model, train_windows, args.mlp_steps, seed=0)
@@ -380,6 +424,50 @@ def main() -> None:
         print(f"  {name:<24} BIS 40-60 {row['pct_bis_40_60']['mean']:5.1f} %  MAP<65 {row['pct_map_below_65']['mean']:5.1f} %"
               f"  nadir {row['bis_nadir']['mean']:5.1f}  propofol {row['propofol_mg_kg_h']['mean']:5.2f} mg/kg/h")
     print("decisions repeating the previous propofol rate: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in imitated["repeat_previous_propofol"].items()))
+    return imitated
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a trained planner run directory")
+    parser.add_argument("--data", type=Path, help="the run's training cases (default: the path its config records)")
+    parser.add_argument("--cases", type=int, default=100, help="held-out cases whose states are tested")
+    parser.add_argument("--clones", type=int, default=32, help="simulator clones per state for the noise floor")
+    parser.add_argument("--loop-cases", type=int, default=200, help="held-out cases of the imitation closed loops")
+    parser.add_argument("--mlp-steps", type=int, default=4000, help="training steps of the MLP baseline")
+    parser.add_argument("--ceiling-cases", type=int, default=1500, help="simulated training cases of the one-step predictors")
+    parser.add_argument("--ceiling-steps", type=int, default=12000, help="training steps of each one-step predictor")
+    parser.add_argument("--quick", action="store_true", help="few cases and clones: a smoke run")
+    parser.add_argument("--env-only", action="store_true", help="the noise floor and counterfactuals only (no imitation)")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/planner_diagnosis.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.quick:
+        args.cases, args.clones, args.loop_cases, args.mlp_steps = 12, 4, 12, 200
+        args.ceiling_cases, args.ceiling_steps = 30, 200
+    model, run = load_planner(args.run)
+    spec = CaseSpec()
+    started = time.perf_counter()
+    states = snapshots(args.cases, model.pre_len, spec, HELD_OUT_SEED)
+    floor = noise_floor(model, states, args.clones, spec, HELD_OUT_SEED + 10)
+    print(f"noise floor ({floor['states']} states x {args.clones} clones), per horizon step 1..{model.pre_len}")
+    for vital in ("bis", "map"):
+        print(f"  {vital.upper()} MAE oracle {np.round(floor[f'oracle_{vital}_mae'], 2)}  model {np.round(floor[f'model_{vital}_mae'], 2)}"
+              f"  ratio {np.round(floor[f'{vital}_ratio'], 2)}")
+    ceiling = information_ceiling(states, args.ceiling_cases, args.ceiling_steps, spec, HELD_OUT_SEED + 30, floor["oracle_bis_mae"][0])
+    print(f"one-step BIS predictors (MLP, {args.ceiling_cases} simulated training cases): h1 MAE and ratio to the oracle")
+    for inputs, mae in ceiling["h1_bis_mae"].items():
+        print(f"  {inputs:<30} {mae:.2f} ({ceiling['ratio'][inputs]:.2f}x)")
+    effects = counterfactual(model, states)
+    print("counterfactual change over horizon steps 1..K, true vs model (mean), sign agreement where |true| >= 1")
+    for name, entry in effects["variants"].items():
+        b = entry["bis"]
+        print(f"  {name:<34} dBIS true {np.round(b['true_mean'], 1)} model {np.round(b['pred_mean'], 1)} "
+              f"sign {100 * b['sign_agreement']:5.1f} % (n {b['sign_counted']}); dMAP sign {100 * entry['map']['sign_agreement']:5.1f} %")
+    for vital in ("bis", "map"):
+        o = effects["overall"][vital]
+        print(f"  overall d{vital.upper()}: MAE per step {np.round(o['mae'], 2)}, sign agreement {100 * o['sign_agreement']:.1f} % of {o['sign_counted']}")
+    imitated = None if args.env_only else imitation_section(args, model, run, states, spec)
     result = {
         "run": str(args.run),
         "quick": args.quick,
@@ -388,6 +476,7 @@ def main() -> None:
         "held_out_seed": HELD_OUT_SEED,
         "summary_val": {k: v for k, v in json.loads((args.run / "summary.json").read_text())["final"].items() if k.startswith(("val_", "rollout/"))},
         "noise_floor": floor,
+        "information_ceiling": ceiling,
         "counterfactual": effects,
         "imitation": imitated,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread",

@@ -47,6 +47,8 @@ from dosewise.sim.anesthesia_cases import CaseSpec
 from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
 
 PRESETS = ("off", "conservative", "balanced", "aggressive")
+# The balanced preset with its margin calibrated to this activation (search.target_activation).
+CALIBRATED_ACTIVATION = 0.25
 OUTCOMES = (
     ("pct_bis_40_60", "BIS 40-60 %"),
     ("pct_map_below_65", "MAP<65 %"),
@@ -55,7 +57,9 @@ OUTCOMES = (
 )
 
 
-def runs(quick: bool, seed: int = 0) -> dict[str, PlannerRunConfig]:
+def runs(quick: bool, seed: int = 0, presets: tuple[str, ...] = (*PRESETS[1:], "calibrated")) -> dict[str, PlannerRunConfig]:
+    """BC alone ("bc") and Stage 2 with the search under each of `presets` (a preset name, or
+    "calibrated": balanced with the margin calibrated to CALIBRATED_ACTIVATION), same budget."""
     base = load_config("configs/planner_warmup.yaml", PlannerRunConfig)
     train = PlannerTrainConfig(
         **{**base.train.model_dump(), "epochs": 2 if quick else 12, "windows_per_epoch": 640 if quick else 6400,
@@ -63,10 +67,13 @@ def runs(quick: bool, seed: int = 0) -> dict[str, PlannerRunConfig]:
     )
     strategy = StrategyConfig(**{**base.strategy.model_dump(), "warmup_epochs": 1 if quick else 4})
     common = {"train": train, "strategy": strategy, "closed_loop": ClosedLoopConfig(cases=0)}
-    return {
-        ("bc" if preset == "off" else preset): base.model_copy(update={**common, "search": SearchTrainingConfig(preset=preset)})
-        for preset in PRESETS
-    }
+    searches = {"bc": SearchTrainingConfig()}
+    for preset in presets:
+        calibrated = preset == "calibrated"
+        searches[preset] = SearchTrainingConfig(
+            preset="balanced" if calibrated else preset, target_activation=CALIBRATED_ACTIVATION if calibrated else None
+        )
+    return {name: base.model_copy(update={**common, "search": search}) for name, search in searches.items()}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -141,6 +148,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 epochs, 6 cases: a smoke run")
     parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, minibatch order)")
     parser.add_argument("--across", type=Path, nargs="+", help="only summarise earlier runs' JSONs across seeds")
+    parser.add_argument("--presets", nargs="+", choices=(*PRESETS[1:], "calibrated"), default=[*PRESETS[1:], "calibrated"],
+                        help="Stage 2 search presets trained beside BC alone")
     args = parser.parse_args()
     if args.across:
         summary = across_seeds(args.across)
@@ -158,7 +167,7 @@ def main() -> None:
     cases = 6 if args.quick else args.cases
     started = time.perf_counter()
 
-    configs = runs(args.quick, args.seed)
+    configs = runs(args.quick, args.seed, tuple(args.presets))
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
         futures = {
@@ -177,7 +186,7 @@ def main() -> None:
         "bc_argmax": lambda cohort: PlannerPolicy(models["bc"], "argmax"),
         "bc_beam": lambda cohort: PlannerPolicy(models["bc"], "beam", beam=beam),
         "bc_mcts": lambda cohort: PlannerPolicy(models["bc"], "mcts", mcts=mcts),
-        **{f"{p}_argmax": (lambda cohort, p=p: PlannerPolicy(models[p], "argmax")) for p in PRESETS[1:]},
+        **{f"{p}_argmax": (lambda cohort, p=p: PlannerPolicy(models[p], "argmax")) for p in configs if p != "bc"},
         "simulated_anesthesiologist": lambda cohort: SimulatedAnesthesiologist(cohort, 2001, step_s=spec.step_s),
     }
     loop_started = time.perf_counter()
@@ -193,6 +202,8 @@ def main() -> None:
             "policy": name,
             **{key: outcome[key] for key, _ in OUTCOMES},
             "activation_rate_last_epoch": activation[-1]["rate"] if activation else None,
+            "activation_by_epoch": [entry["rate"] for entry in activation] or None,
+            "margin": search.get("margin_used"),
             "activation_alarms": len(search.get("activation_alarms", [])),
             "epoch_time_s": summaries[trained]["epoch_time_s"] if trained in summaries else None,
         })

@@ -93,9 +93,6 @@ class Windows:
     history_mask: np.ndarray  # [W, max_len] bool; True = a real step of the case
     static: np.ndarray  # [W, S] float32; S = len(static_names)
     actions: np.ndarray  # [W, pre_len, 2] int64; rate levels 0..RATE_MAX at t+k, order action_names
-    # [W, pre_len, 4] float32 the pump's concentrations after the action at t+k (at step t+k+1), with
-    # WindowConfig.concentrations; [W, pre_len, 0] without.
-    future_concentrations: np.ndarray
     target_bis: np.ndarray  # [W, pre_len] int64; BIS at t+k+1, rounded, clipped to 0..BIS_MAX
     target_map: np.ndarray  # [W, pre_len] int64; MAP at t+k+1, rounded, clipped to 0..MAP_MAX
     rewards: np.ndarray  # [W, pre_len] float32; reward of reaching step t+k+1
@@ -151,10 +148,8 @@ def build_windows(
     elapsed = frame[TIME].to_numpy(np.float64) - frame[TIME].to_numpy(np.float64)[case_start]  # [N] s
     option = (elapsed < window_config.induction_s)[:, None]  # [N, 1] the option flag: induction phase
     parts = [vitals, previous_rates, option]
-    concentrations = np.zeros((n_steps, 0))
     if window_config.concentrations:
-        concentrations = _case_concentrations(frame, starts, ends, rates)
-        parts.append(concentrations)
+        parts.append(_case_concentrations(frame, starts, ends, rates))
     observations = np.concatenate(parts, axis=1).astype(np.float32)  # [N, F]
 
     # step_reward[s]: reward of reaching step s+1 (0 on a case's last step, which has no successor).
@@ -182,7 +177,6 @@ def build_windows(
         history_mask=history_mask,
         static=frame[list(COVARIATES)].to_numpy(np.float32)[origin],
         actions=np.where(future_mask[..., None], rates[acted], 0).astype(np.int64),
-        future_concentrations=np.where(future_mask[..., None], concentrations[reached], 0.0).astype(np.float32),
         target_bis=np.where(future_mask, _round_clip(vitals[reached, 0], BIS_MAX), 0),
         target_map=np.where(future_mask, _round_clip(vitals[reached, 1], MAP_MAX), 0),
         rewards=np.where(future_mask, step_reward[acted], 0.0).astype(np.float32),

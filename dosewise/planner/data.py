@@ -48,7 +48,6 @@ def window_tensors(windows: Windows, gamma: float) -> Batch:
         "history_mask": torch.from_numpy(windows.history_mask),  # [W, L] bool
         "static": torch.from_numpy(windows.static.astype(np.float32)),  # [W, S]
         "actions": torch.from_numpy(windows.actions.astype(np.int64)),  # [W, K, 2]
-        "future_concentrations": torch.from_numpy(windows.future_concentrations.astype(np.float32)),  # [W, K, 4 or 0]
         "target_bis": torch.from_numpy(windows.target_bis.astype(np.int64)),  # [W, K]
         "target_map": torch.from_numpy(windows.target_map.astype(np.int64)),  # [W, K]
         "rewards": torch.from_numpy(windows.rewards.astype(np.float32)),  # [W, K]

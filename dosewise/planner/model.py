@@ -146,8 +146,6 @@ class PlannerModel(nn.Module):
             self.action_embed = nn.ModuleList(nn.Embedding(RATE_LEVELS, d) for _ in range(N_DRUGS))
         else:
             self.action_in = _mlp(N_DRUGS, d, d)
-        if concentrations:  # the pump's concentrations after each planned action
-            self.plan_concentrations_in = _mlp(CONCENTRATIONS.stop - CONCENTRATIONS.start, d, d)
         self.step = nn.Embedding(pre_len, d)
         self.dynamics = nn.TransformerDecoder(
             nn.TransformerDecoderLayer(
@@ -254,30 +252,17 @@ class PlannerModel(nn.Module):
         head = self.prev_action_in if previous else self.action_in
         return self._head(head, rates.to(self.root_in.weight.dtype) / RATE_SCALE)
 
-    def action_tokens(self, actions: Tensor, concentrations: Tensor | None) -> Tensor:
-        """The dynamics' input of each planned action: actions [..., k, 2] int and, for a model with
-        `concentrations`, the pump's concentrations after each action [..., k, 4] -> [..., k, d]."""
-        tokens = self.step.weight[: actions.shape[-2]] + self.rate_tokens(actions)
-        if not self.concentrations:
-            return tokens
-        if concentrations is None or concentrations.shape[-1] != CONCENTRATIONS.stop - CONCENTRATIONS.start:
-            raise ValueError("this model plans with the pump's concentrations after each action: pass concentrations [..., k, 4]")
-        return tokens + self._head(self.plan_concentrations_in, concentrations.to(tokens.dtype) / CONCENTRATION_SCALE)
-
-    def unroll(self, memory: Tensor, memory_padding: Tensor, actions: Tensor, concentrations: Tensor | None = None) -> Tensor:
+    def unroll(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
         """Latent states after each action pair: actions [B, k, 2] int (k <= K) -> [B, k, d],
-        row j being s_{j+1}. Output j depends on actions 0..j only. `concentrations` [B, k, 4]:
-        the pump's concentrations after each action (models with `concentrations` only)."""
+        row j being s_{j+1}. Output j depends on actions 0..j only."""
         k = actions.shape[1]
         root = self.root_in(memory[:, -1]).unsqueeze(1)  # [B, 1, d]
-        tokens = root + self.action_tokens(actions, concentrations)
+        tokens = root + self.step.weight[:k] + self.rate_tokens(actions)
         return self.dynamics(
             tokens, memory, tgt_mask=causal_mask(k, tokens.device), memory_key_padding_mask=memory_padding
         )
 
-    def unroll_candidates(
-        self, memory: Tensor, memory_padding: Tensor, actions: Tensor, concentrations: Tensor | None = None
-    ) -> Tensor:
+    def unroll_candidates(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
         """Latent states of C candidate action sequences per row, sharing the row's history:
         actions [B, C, k, 2] int -> [B, C, k, d], row [b, c, j] being s_{j+1} under candidate c.
 
@@ -289,7 +274,7 @@ class PlannerModel(nn.Module):
         b, c, k, _ = actions.shape
         d, heads = self.config.d_model, self.config.n_heads
         root = self.root_in(memory[:, -1])[:, None, None]  # [B, 1, 1, d]
-        x = (root + self.action_tokens(actions, concentrations)).reshape(b * c, k, d)
+        x = (root + self.step.weight[:k] + self.rate_tokens(actions)).reshape(b * c, k, d)
         causal = torch.zeros(k, k, dtype=x.dtype, device=x.device).masked_fill_(causal_mask(k, x.device), -math.inf)
         keep = torch.zeros(memory_padding.shape, dtype=x.dtype, device=x.device).masked_fill_(memory_padding, -math.inf)
         keep = keep[:, None, None, :]  # [B, 1, 1, L+1]
@@ -331,13 +316,10 @@ class PlannerModel(nn.Module):
         """states [..., d] (s_{k+1}) -> [...] normalised reward of the action that led there."""
         return self._head(self.reward_head, states).squeeze(-1)
 
-    def forward(
-        self, history: Tensor, history_mask: Tensor, static: Tensor, actions: Tensor, concentrations: Tensor | None = None
-    ) -> PlannerOutput:
-        """Unroll the dynamics with the given actions [B, K, 2] (the true ones in Stage 1) and, for
-        a model with `concentrations`, the pump's concentrations after them [B, K, 4]."""
+    def forward(self, history: Tensor, history_mask: Tensor, static: Tensor, actions: Tensor) -> PlannerOutput:
+        """Unroll the dynamics with the given actions [B, K, 2] (the true ones in Stage 1)."""
         memory, padding = self.represent(history, history_mask, static)
-        after = self.unroll(memory, padding, actions, concentrations)  # [B, K, d] s_1..s_K
+        after = self.unroll(memory, padding, actions)  # [B, K, d] s_1..s_K
         states = torch.cat([memory[:, -1:], after], dim=1)  # [B, K+1, d]
         before = states[:, :-1]
         return PlannerOutput(

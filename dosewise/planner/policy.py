@@ -24,7 +24,7 @@ from dosewise.planner.config import PlannerRunConfig
 from dosewise.planner.model import PlannerModel
 from dosewise.planner.mpc import MPCConfig, mpc_plan
 from dosewise.sim.anesthesia import Covariates
-from dosewise.sim.anesthesia_cases import CaseCohort, CaseHistory, CaseSpec, PumpPK
+from dosewise.sim.anesthesia_cases import CaseCohort, CaseHistory, CaseSpec, pump_concentrations
 from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
 
 PlanningMode = Literal["argmax", "beam", "mcts", "mpc"]
@@ -41,7 +41,8 @@ def history_window(
     Returns history [N, max_len, F] float32 (vitals rounded to 0.1 as the charted dataset is,
     the rates set one step before, 0 before the case, and the option flag: 1 while the step is
     within the first `induction_s` seconds; F = 8, or 12 with `concentrations`: the pump's
-    concentrations from every rate since the case start, `pump_concentrations`), history_mask [N, max_len] bool (real steps
+    concentrations from every rate since the case start, `pump_concentrations`), history_mask
+    [N, max_len] bool (real steps
     right-aligned) and static [N, 5] float32 (age, sex, height, weight, asa, rounded like
     `simulate_cases`).
     """
@@ -54,9 +55,9 @@ def history_window(
         [np.round(cov.age), cov.sex, np.round(cov.height, 1), np.round(cov.weight, 1), history.cohort.asa], axis=1
     ).astype(np.float32)
     parts = [np.round(history.vitals, 1), previous, option]
-    if concentrations:
-        pump = case_pump(history, step_s)
-        parts.append(pump.concentrations(pump.run(history.rates)))
+    if concentrations:  # from the charted (rounded) covariates, as build_windows computes them
+        charted = Covariates.from_arrays(static[:, 0], static[:, 2], static[:, 3], static[:, 1])
+        parts.append(pump_concentrations(charted, history.rates, step_s))
     steps = np.concatenate(parts, axis=2)[:, -max_len:]  # [N, <=L, F]
     real = steps.shape[1]
     window = np.zeros((n, max_len, steps.shape[2]), dtype=np.float32)
@@ -64,23 +65,6 @@ def history_window(
     mask = np.zeros((n, max_len), dtype=bool)
     mask[:, max_len - real :] = True
     return window, mask, static
-
-
-def case_pump(history: CaseHistory, step_s: int = 60) -> PumpPK:
-    """The pump's PK model of each case from its charted covariates (rounded as `simulate_cases`
-    writes them, so that inference sees what `build_windows` computed from the dataset)."""
-    cov = history.cohort.covariates
-    charted = Covariates.from_arrays(np.round(cov.age), np.round(cov.height, 1), np.round(cov.weight, 1), cov.sex)
-    return PumpPK.typical(charted, step_s)
-
-
-def plan_concentrations(history: CaseHistory, plans: np.ndarray, step_s: int = 60) -> np.ndarray:
-    """The pump's concentrations after each step of plans [N, ..., k, 2] (mL/h) that start at the
-    history's decision step: [N, ..., k, 4] float32, the dynamics' input of a model with
-    `concentrations`."""
-    pump = case_pump(history, step_s)
-    now = tuple(state[:, -1] for state in pump.run(history.rates))
-    return pump.concentrations(pump.run(plans, start=now))[..., 1:, :].astype(np.float32)
 
 
 class PlannerPolicy:

@@ -187,7 +187,7 @@ def planner_losses(
 ) -> tuple[PlannerLosses, PlannerOutput]:
     """Stage 1 and Stage 2 losses of one batch (one forward pass with the true actions); with a
     `search_step`, the policy loss is bc_weight · BC + mcts_weight · mean(w · CE) on its targets."""
-    out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"], batch.get("future_concentrations"))
+    out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
     bis, map_, reward, value = stage1_losses(model, out, batch)
     targets = search_step(batch, out) if search_step is not None else None
     logits = model.policy_logits(stage2_states(model, out, batch, strategy))
@@ -221,7 +221,7 @@ def policy_pass_loss(
 ) -> Tensor:
     """Stage 2 alone, on states of the env model as it stands (no gradient reaches it)."""
     with torch.no_grad():
-        out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"], batch.get("future_concentrations"))
+        out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
         states = stage2_states(model, out, batch, strategy)
         targets = search_step(batch, out) if search_step is not None else None
     return stage2_loss(model.policy_logits(states), batch, search, targets)
@@ -410,7 +410,7 @@ class PlannerModule(pl.LightningModule):
     def _alternating_env_step(self, batch: Batch, size: int) -> None:
         """Alternating (the seed's solution 3), env pass: each epoch first passes over all
         minibatches stepping the env model on the env loss (Stage 1 only) with its own optimiser ..."""
-        out = self.model(batch["history"], batch["history_mask"], batch["static"], batch["actions"], batch.get("future_concentrations"))
+        out = self.model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
         stage1 = dict(zip(("bis", "map", "reward", "value"), stage1_losses(self.model, out, batch)))
         env = sum(stage1.values())
         for name, value in {**stage1, "env": env}.items():

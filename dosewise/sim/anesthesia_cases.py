@@ -44,62 +44,6 @@ def remifentanil_ug_s(rate_ml_h: np.ndarray) -> np.ndarray:
 PUMP_CONCENTRATIONS: tuple[str, ...] = ("cp_propofol", "ce_propofol", "cp_remifentanil", "ce_remifentanil")
 
 
-@dataclass(frozen=True)
-class PumpPK:
-    """What a TCI pump computes: the population PK model's typical patient for each of N sets of
-    covariates (no between-patient variability), stepped exactly (zero-order hold) one decision
-    step at a time. A state is the pair of compartment vectors (propofol [N, ..., 6], remifentanil
-    [N, ..., 5]); `concentrations` reads the plasma and BIS effect-site values off it."""
-
-    phi: tuple[np.ndarray, np.ndarray]  # [N, S, S] per drug: the state after one step, from the state before
-    gamma: tuple[np.ndarray, np.ndarray]  # [N, S] per drug: the same, per unit of infusion (mg/s, µg/s)
-
-    @classmethod
-    def typical(
-        cls, covariates: Covariates, step_s: float, propofol_model: str = "Schnider", remifentanil_model: str = "Minto"
-    ) -> PumpPK:
-        p_phi, p_gamma = discretise(PROPOFOL_MODELS[propofol_model].typical(covariates), float(step_s))
-        r_phi, r_gamma = discretise(REMIFENTANIL_MODELS[remifentanil_model].typical(covariates), float(step_s))
-        return cls(phi=(p_phi, r_phi), gamma=(p_gamma, r_gamma))
-
-    @property
-    def n(self) -> int:
-        return self.phi[0].shape[0]
-
-    def drug_free(self) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(np.zeros(g.shape) for g in self.gamma)
-
-    def run(self, rates_ml_h: np.ndarray, start: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Every state along rates_ml_h [N, ..., T, 2] (propofol, remifentanil mL/h, each held one
-        step) from `start` (states [N, S] or [N, ..., S] per drug; default drug-free): [N, ..., T + 1, S] per
-        drug, index s being the state after s steps."""
-        rates = np.asarray(rates_ml_h, dtype=np.float64)
-        if rates.ndim < 3 or rates.shape[0] != self.n or rates.shape[-1] != 2:
-            raise ValueError(f"rates_ml_h must be [{self.n}, ..., T, 2], got {list(rates.shape)}")
-        start = start if start is not None else tuple(np.zeros((*rates.shape[:-2], g.shape[1])) for g in self.gamma)
-        out = []
-        for drug, per_s in enumerate((propofol_mg_s, remifentanil_ug_s)):
-            phi, gamma = self.phi[drug], self.gamma[drug]
-            extra = (1,) * (rates.ndim - 3)  # broadcast [N, S] parameters over the middle axes
-            gain = gamma.reshape(gamma.shape[0], *extra, gamma.shape[1])
-            u = per_s(rates[..., drug])  # [N, ..., T]
-            first = np.asarray(start[drug], dtype=np.float64)
-            first = first.reshape(first.shape[0], *(1,) * (rates.ndim - 1 - first.ndim), first.shape[-1])
-            x = np.broadcast_to(first, (*rates.shape[:-2], gamma.shape[1])).copy()
-            states = [x]
-            for s in range(rates.shape[-2]):
-                x = np.einsum("nij,n...j->n...i", phi, x) + gain * u[..., s, None]
-                states.append(x)
-            out.append(np.stack(states, axis=-2))
-        return out[0], out[1]
-
-    @staticmethod
-    def concentrations(states: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """[..., 4] in `PUMP_CONCENTRATIONS` order from states [..., S] per drug."""
-        propofol, remifentanil = states
-        return np.stack([propofol[..., 0], propofol[..., 3], remifentanil[..., 0], remifentanil[..., 3]], axis=-1)
-
-
 def pump_concentrations(
     covariates: Covariates,
     rates_ml_h: np.ndarray,
@@ -107,16 +51,27 @@ def pump_concentrations(
     propofol_model: str = "Schnider",
     remifentanil_model: str = "Minto",
 ) -> np.ndarray:
-    """The plasma and BIS effect-site concentrations a TCI pump displays (`PumpPK`), given every
-    rate of the case so far. A model that reads them sees the whole infusion history, not just
-    its window.
+    """The plasma and BIS effect-site concentrations a TCI pump displays: the population model's
+    typical patient for these covariates (no between-patient variability), given every rate of
+    the case so far. A model that reads them sees the whole infusion history, not just its window.
 
     rates_ml_h [N, T, 2] (propofol, remifentanil mL/h, each held one step of `step_s` seconds from
-    the case start) -> [N, T + 1, 4] float64 in `PUMP_CONCENTRATIONS` order; row s is the state
-    after s steps (row 0: drug-free).
+    a drug-free start) -> [N, T + 1, 4] float64 in `PUMP_CONCENTRATIONS` order, row s the state
+    after s steps. Exact zero-order-hold steps, as the simulator takes them.
     """
-    pump = PumpPK.typical(covariates, step_s, propofol_model, remifentanil_model)
-    return pump.concentrations(pump.run(rates_ml_h))
+    rates = np.asarray(rates_ml_h, dtype=np.float64)
+    if rates.ndim != 3 or rates.shape[0] != covariates.n or rates.shape[2] != 2:
+        raise ValueError(f"rates_ml_h must be [{covariates.n}, T, 2], got {list(rates.shape)}")
+    out = np.zeros((covariates.n, rates.shape[1] + 1, 4))
+    drugs = ((PROPOFOL_MODELS, propofol_model, propofol_mg_s), (REMIFENTANIL_MODELS, remifentanil_model, remifentanil_ug_s))
+    for drug, (models, name, per_s) in enumerate(drugs):
+        phi, gamma = discretise(models[name].typical(covariates), float(step_s))  # [N, S, S], [N, S]
+        u = per_s(rates[..., drug])  # [N, T]
+        x = np.zeros(gamma.shape)  # central, two peripherals, effect sites (the BIS site first)
+        for s in range(rates.shape[1]):
+            x = np.einsum("nij,nj->ni", phi, x) + gamma * u[:, s, None]
+            out[:, s + 1, 2 * drug], out[:, s + 1, 2 * drug + 1] = x[:, 0], x[:, 3]
+    return out
 
 
 @dataclass(frozen=True)

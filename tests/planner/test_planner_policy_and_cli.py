@@ -14,11 +14,12 @@ from typer.testing import CliRunner
 from dosewise.cli import app
 from dosewise.config import save_config
 from dosewise.data.anesthesia import RATES, VITALS
+from dosewise.data.windows import build_windows, split_by_case
 from dosewise.planner.config import ClosedLoopConfig
 from dosewise.planner.model import PlannerModel
 from dosewise.planner.policy import PlannerPolicy, history_window
 from dosewise.sim.anesthesia_cases import CaseHistory
-from tests.planner.conftest import tiny_run
+from tests.planner.conftest import TINY_WINDOWS, tiny_run
 
 
 def case_history(frame, case: str, t: int) -> CaseHistory:
@@ -36,19 +37,44 @@ def case_history(frame, case: str, t: int) -> CaseHistory:
     )
 
 
-def test_history_window_matches_build_windows(tiny_frame, tiny_windows):
-    windows = tiny_windows["train"]
+@pytest.mark.parametrize("concentrations", [False, True])
+def test_history_window_matches_build_windows(tiny_frame, concentrations):
+    config = TINY_WINDOWS.model_copy(update={"concentrations": concentrations})
+    windows = build_windows(split_by_case(tiny_frame, config)["train"], config)
     max_len = windows.history.shape[1]
+    assert windows.history.shape[2] == len(windows.feature_names) == (12 if concentrations else 8)
     checked = 0
     for i in range(0, len(windows), 7):
         start = tiny_frame[tiny_frame["case_id"] == windows.case_ids[i]]["time"].min()
         t = round((windows.times[i] - start) / 60.0)
-        history, mask, static = history_window(case_history(tiny_frame, windows.case_ids[i], t), max_len)
+        history, mask, static = history_window(case_history(tiny_frame, windows.case_ids[i], t), max_len, concentrations=concentrations)
         np.testing.assert_array_equal(mask[0], windows.history_mask[i])
         np.testing.assert_allclose(history[0], windows.history[i], atol=1e-4)
         np.testing.assert_allclose(static[0], windows.static[i], atol=1e-4)
         checked += 1
     assert checked > 5
+
+
+def test_a_model_that_reads_the_pumps_concentrations_trains_and_plans(tiny_frame, tmp_path):
+    """windows.concentrations: the encoder reads four more features per step, every planning mode
+    builds them from the case history, and the saved model loads with them."""
+    from dosewise.planner.training import load_planner, train_planner
+
+    run = tiny_run(epochs=1)
+    run = run.model_copy(update={"windows": run.windows.model_copy(update={"concentrations": True})})
+    parts = split_by_case(tiny_frame, run.windows)
+    train_planner(run, *(build_windows(parts[name], run.windows) for name in ("train", "val")), tmp_path)
+    model, loaded = load_planner(tmp_path)
+    assert model.concentrations and loaded.windows.concentrations
+    history = case_history(tiny_frame, parts["train"]["case_id"].iloc[0], 6)
+    for mode in ("argmax", "beam", "mcts", "mpc"):
+        ppf, rftn = PlannerPolicy(model, mode)(history)
+        assert ppf.shape == rftn.shape == (1,) and 0 <= ppf[0] <= 200 and 0 <= rftn[0] <= 200
+    window, _, _ = history_window(history, model.max_len, concentrations=True)
+    without = window.copy()
+    without[..., 8:] = 0.0
+    tokens = lambda w: model.tokens(torch.from_numpy(w), torch.ones(1, model.max_len, dtype=torch.bool), torch.zeros(1, 5))[0]
+    assert not torch.allclose(tokens(window), tokens(without))  # the encoder reads them
 
 
 def test_planner_policy_returns_rates(tiny_frame, tiny_windows):

@@ -155,3 +155,24 @@ def test_shifted_cohort_is_old_obese_and_more_sensitive():
     deep = run_cases(shifted, constant(30, 20), seed=1, spec=spec)
     usual = run_cases(shifted, constant(30, 20), seed=1, spec=standard)
     assert deep.bis_true[-60:].mean() < usual.bis_true[-60:].mean() - 3
+
+
+def test_pump_concentrations_are_the_population_patient_of_the_simulator():
+    """The pump's concentrations are the simulator's typical patient (no variability) under the same
+    rates, step by step, from a drug-free start."""
+    from dosewise.sim.anesthesia import AnesthesiaSimulator
+    from dosewise.sim.anesthesia_cases import PUMP_CONCENTRATIONS, propofol_mg_s, pump_concentrations, remifentanil_ug_s
+
+    rng = np.random.default_rng(3)
+    cohort = sample_cases(4, rng)
+    rates = rng.integers(0, 201, (4, 6, 2))
+    shown = pump_concentrations(cohort.covariates, rates, 60)
+    assert shown.shape == (4, 7, len(PUMP_CONCENTRATIONS)) and not shown[:, 0].any()
+    sim = AnesthesiaSimulator(cohort.covariates, 1.0)
+    for k in range(6):
+        for _ in range(60):
+            obs = sim.step(propofol_mg_s(rates[:, k, 0]), remifentanil_ug_s(rates[:, k, 1]))
+        expected = np.stack([obs.cp_propofol, obs.ce_propofol, obs.cp_remifentanil, obs.ce_remifentanil], axis=1)
+        np.testing.assert_allclose(shown[:, k + 1], expected, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match=r"rates_ml_h must be \[4, T, 2\]"):
+        pump_concentrations(cohort.covariates, rates[:2], 60)
