@@ -1,7 +1,7 @@
 """Seed 004's IQL sensitivity table, on ground truth: one factor at a time around the conservative config.
 
 Each of lr, gamma, hidden, beta and tau takes its three values from the seed with the other four
-at ``configs/iql_conservative.yaml`` (11 distinct configs: the default is shared by the five
+at the packaged ``iql_conservative`` config (11 distinct configs: the default is shared by the five
 factors), plus lr 3e-5 / 3e-4 without target networks (Polyak 1, the seed's setup). For each seed
 s: simulate the 150-patient training set of `bench/vancomycin_outcomes.py`
 (``simulate_dataset(150, s)``) and train every config with seed s through
@@ -46,12 +46,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.iql import IQLConfig, Networks, awr_weights, gaussian_log_prob
 from dosewise.algos.sweep import GRID_FIELDS, point_name, train_sweep
 from dosewise.algos.trained import TrainedIQL
 from dosewise.algos.training import CHECKPOINT_FORMAT, TrainingError, data_tensors
 from dosewise.checkpoint import load_safe
-from dosewise.config import IQLRunConfig, TrainConfig, load_config
+from dosewise.config import load_config
 from dosewise.data import load_transitions
 from dosewise.data.transitions import Normalizer, Transitions
 from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
@@ -60,7 +61,7 @@ from dosewise.sim.vancomycin_clinician import simulate_dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vancomycin_outcomes import METRICS  # the same three closed-loop metrics
 
-CONFIG = Path("configs/iql_conservative.yaml")
+CONFIG = "iql_conservative"  # the packaged config
 OUTCOMES_JSON = Path("bench/results/vancomycin_outcomes.json")
 PATIENTS = 150  # training patients per seed, as bench/vancomycin_outcomes.py
 FACTORS: dict[str, tuple] = {
@@ -504,7 +505,7 @@ def markdown(report: dict, rows: list[dict]) -> str:
     lines = [
         "# IQL hyperparameter sensitivity on the vancomycin simulator (seed 004's table, on ground truth)",
         "",
-        "Seed 004 tuned IQL by hand and reported a sensitivity table (quoted in `configs/iql_conservative.yaml`):",
+        "Seed 004 tuned IQL by hand and reported a sensitivity table (quoted in `dosewise/configs/iql_conservative.yaml`):",
         "lr 3e-4 diverges and 3e-5 converges, γ 0.99 is too far-sighted, [64, 64] overfits and [16, 16]",
         "underfits, β 3.0 is unstable, τ 0.9 is too conservative. Here each of those settings is trained",
         "on simulated data and run on simulated patients, whose outcome is known.",

@@ -202,8 +202,8 @@ def run_ours_fit(path: str, hidden: tuple[int, ...], batch: int, steps: int, mem
     import torch.utils.tensorboard  # train_iql imports it lazily; imports are off the clock for both
 
     from dosewise.algos import training
+    from dosewise.algos.config import IQLRunConfig, TrainConfig
     from dosewise.algos.training import train_iql
-    from dosewise.config import IQLRunConfig, TrainConfig
     from dosewise.data import DataConfig, load_transitions
 
     torch.set_num_threads(1)

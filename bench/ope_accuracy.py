@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.trained import TrainedIQL
 from dosewise.algos.training import train_iql
-from dosewise.config import IQLRunConfig, TrainConfig
 from dosewise.data import load_transitions
 from dosewise.evaluate.ope import (
     BehaviourModel,

@@ -46,7 +46,13 @@ from dosewise.planner.policy import (
     history_window,
 )
 from dosewise.planner.training import load_planner
-from dosewise.sim.anesthesia_cases import CaseCohort, CaseRun, CaseSpec, sample_cases, stimulation
+from dosewise.sim.anesthesia_cases import (
+    CaseCohort,
+    CaseRun,
+    CaseSpec,
+    sample_cases,
+    stimulation,
+)
 from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
 
 DECISION_MINUTES = (15, 30, 45, 60, 90)
@@ -435,7 +441,7 @@ def main() -> None:
     parser.add_argument("--clones", type=int, default=32, help="simulator clones per state for the noise floor")
     parser.add_argument("--loop-cases", type=int, default=200, help="held-out cases of the imitation closed loops")
     parser.add_argument("--mlp-steps", type=int, default=4000, help="training steps of the MLP baseline")
-    parser.add_argument("--ceiling-cases", type=int, default=1500, help="simulated training cases of the one-step predictors")
+    parser.add_argument("--ceiling-cases", type=int, default=1500, help="simulated training cases of the one-step predictors (0: skip them)")
     parser.add_argument("--ceiling-steps", type=int, default=12000, help="training steps of each one-step predictor")
     parser.add_argument("--quick", action="store_true", help="few cases and clones: a smoke run")
     parser.add_argument("--env-only", action="store_true", help="the noise floor and counterfactuals only (no imitation)")
@@ -454,10 +460,12 @@ def main() -> None:
     for vital in ("bis", "map"):
         print(f"  {vital.upper()} MAE oracle {np.round(floor[f'oracle_{vital}_mae'], 2)}  model {np.round(floor[f'model_{vital}_mae'], 2)}"
               f"  ratio {np.round(floor[f'{vital}_ratio'], 2)}")
-    ceiling = information_ceiling(states, args.ceiling_cases, args.ceiling_steps, spec, HELD_OUT_SEED + 30, floor["oracle_bis_mae"][0])
-    print(f"one-step BIS predictors (MLP, {args.ceiling_cases} simulated training cases): h1 MAE and ratio to the oracle")
-    for inputs, mae in ceiling["h1_bis_mae"].items():
-        print(f"  {inputs:<30} {mae:.2f} ({ceiling['ratio'][inputs]:.2f}x)")
+    ceiling = None
+    if args.ceiling_cases:
+        ceiling = information_ceiling(states, args.ceiling_cases, args.ceiling_steps, spec, HELD_OUT_SEED + 30, floor["oracle_bis_mae"][0])
+        print(f"one-step BIS predictors (MLP, {args.ceiling_cases} simulated training cases): h1 MAE and ratio to the oracle")
+        for inputs, mae in ceiling["h1_bis_mae"].items():
+            print(f"  {inputs:<30} {mae:.2f} ({ceiling['ratio'][inputs]:.2f}x)")
     effects = counterfactual(model, states)
     print("counterfactual change over horizon steps 1..K, true vs model (mean), sign agreement where |true| >= 1")
     for name, entry in effects["variants"].items():

@@ -2,7 +2,7 @@
 each preset (conservative, balanced, aggressive), and planning at inference (argmax, RL-DITR beam
 search, MCTS) — all on the same held-out simulated patients next to the simulated anesthesiologist.
 
-Every model trains on the same data, split, model size, seed and budget (configs/planner_warmup.yaml
+Every model trains on the same data, split, model size, seed and budget (the packaged planner_warmup config
 with a shorter schedule: 12 epochs of 6,400 windows, env-only warm-up 4), in parallel processes of
 one thread each. Prints a table and writes JSON.
 
@@ -60,7 +60,7 @@ OUTCOMES = (
 def runs(quick: bool, seed: int = 0, presets: tuple[str, ...] = (*PRESETS[1:], "calibrated")) -> dict[str, PlannerRunConfig]:
     """BC alone ("bc") and Stage 2 with the search under each of `presets` (a preset name, or
     "calibrated": balanced with the margin calibrated to CALIBRATED_ACTIVATION), same budget."""
-    base = load_config("configs/planner_warmup.yaml", PlannerRunConfig)
+    base = load_config("planner_warmup", PlannerRunConfig)
     train = PlannerTrainConfig(
         **{**base.train.model_dump(), "epochs": 2 if quick else 12, "windows_per_epoch": 640 if quick else 6400,
            "max_val_windows": 512 if quick else 4000, "seed": seed}

@@ -1,5 +1,5 @@
 """Does the planner beat the clinician whose cases it learned from? The default recipe
-(`configs/planner.yaml`) trained on 1,500 simulated cases with several training seeds, each run
+(the packaged config `planner`) trained on 1,500 simulated cases with several training seeds, each run
 closed loop on held-out simulated cases from a cohort seed never used for training, next to the
 simulated anesthesiologist who made the training data and the dual-loop PID; then the same on a
 shifted cohort (age 70-90, BMI 30-40, PD 30 % more sensitive). One process per training seed.

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.trained import TrainedIQL
 from dosewise.algos.training import train_iql
-from dosewise.config import IQLRunConfig, TrainConfig
 from dosewise.data.loading import load_table
 from dosewise.data.transitions import build_transitions
 from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin

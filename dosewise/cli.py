@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -13,11 +12,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from dosewise.algos.recommend import StateError
 from dosewise.checkpoint import CheckpointError
-from dosewise.config import ConfigError, IQLRunConfig, TrainConfig, load_config
-from dosewise.data.loading import DataError, DataReport, load_table
-from dosewise.data.transitions import build_transitions
-from dosewise.serve.recommend import StateError
+from dosewise.config import ConfigError
+from dosewise.data.loading import DataError, DataReport
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, help=__doc__)
 simulate_app = typer.Typer(no_args_is_help=True, help="Write simulated clinical datasets.")
@@ -59,16 +57,6 @@ def friendly_errors(command):
     return wrapper
 
 
-def _write_table(frame, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".parquet":
-        frame.to_parquet(out, index=False)
-    elif out.suffix == ".csv":
-        frame.to_csv(out, index=False)
-    else:
-        raise DataError(f"{out}: unsupported output suffix {out.suffix!r}; use .csv or .parquet")
-
-
 # -- simulate -----------------------------------------------------------------------------------
 
 
@@ -80,11 +68,9 @@ def simulate_vancomycin(
     seed: Annotated[int, typer.Option(help="Seed of patients, clinician and noise.")] = 0,
 ) -> None:
     """Simulated vancomycin courses under the simulated clinician, one row per patient per 4 h."""
-    from dosewise.sim.vancomycin_clinician import simulate_dataset
+    from dosewise.api import simulate_vancomycin as simulate
 
-    frame = simulate_dataset(patients, seed)
-    _write_table(frame, out)
-    console.print(f"wrote {len(frame)} rows for {patients} patients to {out}")
+    console.print(f"wrote {simulate(out, patients, seed)} rows for {patients} patients to {out}")
 
 
 @simulate_app.command("anesthesia")
@@ -95,11 +81,9 @@ def simulate_anesthesia(
     seed: Annotated[int, typer.Option(help="Seed of patients, clinicians, stimulation and noise.")] = 0,
 ) -> None:
     """Simulated TIVA cases under the simulated anesthesiologist, VitalDB-like, one row per case per minute."""
-    from dosewise.sim.anesthesia_clinician import simulate_cases
+    from dosewise.api import simulate_anesthesia as simulate
 
-    frame = simulate_cases(cases, seed)
-    _write_table(frame, out)
-    console.print(f"wrote {len(frame)} rows for {cases} cases to {out}")
+    console.print(f"wrote {simulate(out, cases, seed)} rows for {cases} cases to {out}")
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -119,19 +103,17 @@ def report_table(report: DataReport) -> Table:
     return table
 
 
-def _data_config(config: Path | None):
-    return load_config(config, IQLRunConfig).data if config else IQLRunConfig().data
-
-
 @data_app.command("inspect")
 @friendly_errors
 def data_inspect(
     path: Annotated[Path, typer.Argument(help="CSV or Parquet file.")],
-    config: Annotated[Path | None, typer.Option(help="Run config YAML whose `data:` section maps the columns.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Run config (a packaged config name or a YAML path) whose `data:` section maps the columns.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate a dosing file and report rows, drops, patients and feature ranges."""
-    _, report = load_table(path, _data_config(config))
+    from dosewise.api import inspect_data
+
+    report = inspect_data(path, config)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -146,7 +128,7 @@ def data_inspect(
 def train_iql_command(
     data: Annotated[Path, typer.Option(help="Training data, CSV or Parquet.")],
     out: Annotated[Path, typer.Option(help="Run directory: config, TensorBoard, checkpoints, model.")],
-    config: Annotated[Path | None, typer.Option(help="Run config YAML (default: seed 004's conservative set).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Run config: a packaged config name or a YAML path (default: iql_conservative, the tuned conservative set).")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Override train.steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override train.seed.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
@@ -172,39 +154,31 @@ def train_iql_command(
     ] = None,
 ) -> None:
     """Train IQL; writes config.yaml, tb/, checkpoints/, losses.json and model.pt into --out."""
-    from dosewise.algos.training import train_iql
+    from dosewise.api import resolve_iql_run, sweep_iql_from_file, train_iql_from_file
 
-    run = load_config(config, IQLRunConfig) if config else IQLRunConfig()
-    train = run.train.model_dump()
-    train.update({k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None})
-    run = run.model_copy(update={"train": TrainConfig(**train), "data_path": str(data.resolve())})
-    frame, report = load_table(data, run.data)
-    if report.rows_dropped_nan:
-        console.print(f"dropped {report.rows_dropped_nan} of {report.rows_total} rows with missing values: {report.dropped_nan_by_column}")
-    transitions = build_transitions(frame, run.data)
-    members = [run.train.seed + k for k in range(seeds)]
+    run = resolve_iql_run(config, data, steps, seed)
+    common = {"seeds": seeds, "resume": resume, "compile": compile, "show_progress": not quiet, "echo": console.print}
     if sweep is not None:
-        from dosewise.algos.sweep import load_grid, train_sweep
-
-        grid = load_grid(sweep, run.iql)
-        console.print(f"{transitions.n} transitions; sweeping {len(grid)} configs x {seeds} seeds, {run.train.steps} steps -> {out}")
-        report = train_sweep(run, transitions, out, grid, members, resume=resume, show_progress=not quiet, compile=compile)
-        table = Table(title="sweep: final losses, mean (sd) over seeds", box=box.SIMPLE_HEAD)
-        for column in ("lr", "gamma", "beta", "tau", "hidden", "loss/q", "loss/v", "loss/pi"):
-            table.add_column(column, justify="right")
-        for row in report["summary"]:
-            c, losses = row["config"], row["losses"]
-            cells = [f"{c['lr']:g}", f"{c['gamma']:g}", f"{c['beta']:g}", f"{c['tau']:g}", "x".join(map(str, c["hidden"]))]
-            table.add_row(*cells, *(f"{losses[k]['mean']:.3f} ({losses[k]['sd']:.3f})" for k in ("loss/q", "loss/v", "loss/pi")))
-        console.print(table)
+        result = sweep_iql_from_file(data, out, sweep, run, **common)
+        console.print(sweep_table(result.summary))
         console.print(f"wrote {out / 'sweep.json'}; evaluate a point with: dosewise evaluate --run {out}/<point> --out ...")
         return
-    ensemble = f" x {seeds} members (seeds {members[0]}..{members[-1]})" if seeds > 1 else ""
-    console.print(f"{transitions.n} transitions from {report.patients} patients; training {run.train.steps} steps{ensemble} -> {out}")
-    train_iql(run, transitions, out, resume=resume, show_progress=not quiet, seeds=members, compile=compile)
-    if seeds > 1 and (out / "losses.json").exists():
-        console.print(members_table(json.loads((out / "losses.json").read_text())))
+    result = train_iql_from_file(data, out, run, **common)
+    if result.losses is not None:
+        console.print(members_table(result.losses))
     console.print(f"model written to {out / 'model.pt'}; TensorBoard: tensorboard --logdir {out / 'tb'}")
+
+
+def sweep_table(summary: list[dict]) -> Table:
+    """Final losses of every sweep point, mean (sd) over seeds (``sweep.json``)."""
+    table = Table(title="sweep: final losses, mean (sd) over seeds", box=box.SIMPLE_HEAD)
+    for column in ("lr", "gamma", "beta", "tau", "hidden", "loss/q", "loss/v", "loss/pi"):
+        table.add_column(column, justify="right")
+    for row in summary:
+        c, losses = row["config"], row["losses"]
+        cells = [f"{c['lr']:g}", f"{c['gamma']:g}", f"{c['beta']:g}", f"{c['tau']:g}", "x".join(map(str, c["hidden"]))]
+        table.add_row(*cells, *(f"{losses[k]['mean']:.3f} ({losses[k]['sd']:.3f})" for k in ("loss/q", "loss/v", "loss/pi")))
+    return table
 
 
 def members_table(losses: dict) -> Table:
@@ -267,7 +241,9 @@ def train_planner_command(
 def compare_strategies_command(
     data: Annotated[Path, typer.Option(help="Anesthesia cases, CSV or Parquet (e.g. from `dosewise simulate anesthesia`).")],
     out: Annotated[Path, typer.Option(help="Directory for the five runs, comparison.json/.md and env_metrics.png.")],
-    config_dir: Annotated[Path, typer.Option(help="Directory with planner_<strategy>.yaml for the five strategies.")] = Path("configs"),
+    config_dir: Annotated[
+        Path | None, typer.Option(help="Directory with planner_<strategy>.yaml for the five strategies (default: the packaged configs).")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs of every strategy.")] = None,
     jobs: Annotated[int, typer.Option(min=1, help="Strategies trained at once, one CPU thread each.")] = 2,
     seed: Annotated[int | None, typer.Option(help="Override train.seed of every strategy (initialisation, minibatches).")] = None,
@@ -340,28 +316,6 @@ def offline_table(stats: dict) -> Table:
     return table
 
 
-def run_evaluation(model, run_dir: Path, patients: int, seed: int, data: Path | None = None, ope: bool = False) -> dict:
-    """Offline statistics, closed loop and optionally OPE of a loaded ``TrainedIQL``."""
-    from dosewise.evaluate.offline import offline_statistics
-    from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
-
-    data_path = data or (Path(model.run_config.data_path) if model.run_config.data_path else None)
-    if data_path is None:
-        raise DataError(f"{run_dir}: the run does not record its training data; pass --data")
-    frame, _ = load_table(data_path, model.run_config.data)
-    transitions = build_transitions(frame, model.run_config.data)
-    result = offline_statistics(model, transitions)
-    result["closed_loop"] = evaluate_vancomycin(model.policy_action, patients, seed)
-    if ope:
-        from dosewise.evaluate.ope import evaluate_ope, vancomycin_true_value
-
-        gamma = model.config.gamma
-        estimates = evaluate_ope(model.policy_action, transitions, gamma, seed=seed)
-        truth = vancomycin_true_value(model.policy_action, gamma, n_patients=max(patients, 2000), seed=seed)
-        result["ope"] = {**estimates, "true_value": truth}
-    return result
-
-
 @app.command("evaluate")
 @friendly_errors
 def evaluate_command(
@@ -378,40 +332,29 @@ def evaluate_command(
     """Offline statistics of the critics, and the learned policy vs the clinician in closed loop.
 
     An ensemble run is evaluated as its mean policy; with --per-member also member by member."""
-    import statistics
+    from dosewise.api import evaluate_iql
 
-    from dosewise.algos.trained import TrainedIQL
-    from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
-
-    model = TrainedIQL.load(run)
-    result = run_evaluation(model, run, patients, seed, data, ope=ope)
-    if model.members > 1 and per_member:
-        outcomes = ("auc_in_target_frac", "aki_rate", "mean_return")
-        members = {}
-        for k, member_seed in enumerate(model.seeds):
-            closed = evaluate_vancomycin(lambda obs, k=k: model.policy_members(obs)[k], patients, seed)
-            members[str(member_seed)] = {key: closed["learned"][key]["mean"] for key in outcomes}
-        rows = list(members.values())
-        result["ensemble"] = {
-            "seeds": model.seeds,
-            "per_member": members,
-            "summary": {key: {"mean": statistics.mean(r[key] for r in rows), "sd": statistics.stdev(r[key] for r in rows)} for key in outcomes},
-        }
+    evaluation = evaluate_iql(run, patients, seed, data, per_member=per_member, ope=ope)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    console.print(offline_table({k: v for k, v in result.items() if k not in ("closed_loop", "ensemble", "ope")}))
-    console.print(closed_loop_table(result["closed_loop"]))
-    if "ope" in result:
-        console.print(ope_table(result["ope"]))
-    if "ensemble" in result:
-        summary = result["ensemble"]["summary"]
+    out.write_text(json.dumps(evaluation.to_dict(), indent=2))
+    print_evaluation(evaluation)
+    console.print(f"wrote {out}")
+
+
+def print_evaluation(evaluation) -> None:
+    """The tables of an `IQLEvaluation`: offline statistics, closed loop, OPE, ensemble members."""
+    console.print(offline_table(evaluation.offline))
+    console.print(closed_loop_table(evaluation.closed_loop))
+    if evaluation.ope is not None:
+        console.print(ope_table(evaluation.ope))
+    if evaluation.ensemble is not None:
+        summary, n = evaluation.ensemble["summary"], len(evaluation.ensemble["seeds"])
         console.print(
-            f"{model.members} members on their own (mean +- sd): "
+            f"{n} members on their own (mean +- sd): "
             f"AUC24 in target {100 * summary['auc_in_target_frac']['mean']:.1f} +- {100 * summary['auc_in_target_frac']['sd']:.1f} %, "
             f"AKI {100 * summary['aki_rate']['mean']:.1f} +- {100 * summary['aki_rate']['sd']:.1f} %, "
             f"return {summary['mean_return']['mean']:.2f} +- {summary['mean_return']['sd']:.2f}"
         )
-    console.print(f"wrote {out}")
 
 
 @app.command("report")
@@ -422,10 +365,9 @@ def report_command(
     evaluation: Annotated[Path | None, typer.Option(help="Evaluation JSON (default: RUN/evaluation.json or next to RUN).")] = None,
 ) -> None:
     """HTML analysis report with PNG figures: training, Q/V, Q-curves, sensitivity, policy vs clinician, courses."""
-    from dosewise.evaluate.report import write_report
+    from dosewise.api import report_iql
 
-    page = write_report(run, out, evaluation)
-    console.print(f"report written to {page}")
+    console.print(f"report written to {report_iql(run, out, evaluation)}")
 
 
 # -- recommend ----------------------------------------------------------------------------------
@@ -439,19 +381,16 @@ def recommend_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the recommendation as JSON.")] = False,
 ) -> None:
     """Dose recommendation for one patient state."""
+    from dosewise.algos.recommend import parse_state
     from dosewise.algos.trained import TrainedIQL
-    from dosewise.serve.recommend import parse_state, recommend
+    from dosewise.api import recommend_iql
 
     model = TrainedIQL.load(run)
-    values = parse_state(state, model.feature_names)
-    rec = recommend(model, values)
-    obs = [[values[name] for name in model.feature_names]]
-    spread = float(model.policy_spread(obs)[0])  # an ensemble's uncertainty; 0 for a single model
+    rec = recommend_iql(model, parse_state(state, model.feature_names))
     if as_json:
-        extra = {"members": model.members, "policy_action_sd": spread, "member_actions": model.policy_members(obs)[:, 0].tolist()}
-        print(json.dumps(dict(rec.to_dict(), **extra), indent=2))
+        print(json.dumps(rec.to_dict(), indent=2))
         return
-    uncertainty = f" +- {spread:.3f} (sd over {model.members} members)" if model.members > 1 else ""
+    uncertainty = f" +- {rec.policy_action_sd:.3f} (sd over {rec.members} members)" if rec.members > 1 else ""
     console.print(f"policy action (recommended): [bold]{rec.policy_action:+.3f}[/]{uncertainty}   Q = {rec.q_value:.3f}")
     console.print(f"greedy action (argmax Q):    {rec.greedy_action:+.3f}   Q = {rec.greedy_q_value:.3f}")
     for warning in rec.warnings:
@@ -471,29 +410,12 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the training data and of training.")] = 0,
 ) -> None:
     """Vancomycin end to end on embedded defaults: simulate -> train -> evaluate -> outcome table -> report."""
-    from dosewise.algos.training import train_iql
-    from dosewise.sim.vancomycin_clinician import simulate_dataset
+    from dosewise.api import run_demo
 
-    if (out / "iql").exists():
-        console.print(f"replacing the earlier demo in {out}")
-        shutil.rmtree(out / "iql")
-    data_path = out / "vancomycin.csv"
-    _write_table(simulate_dataset(patients, seed), data_path)
-    run = IQLRunConfig(train=TrainConfig(steps=steps, seed=seed), data_path=str(data_path.resolve()))
-    frame, report = load_table(data_path, run.data)
-    console.print(report_table(report))
-    train_iql(run, build_transitions(frame, run.data), out / "iql")
-    from dosewise.algos.trained import TrainedIQL
-
-    result = run_evaluation(TrainedIQL.load(out / "iql"), out / "iql", eval_patients, seed=1000 + seed, ope=True)
-    (out / "evaluation.json").write_text(json.dumps(result, indent=2))
-    console.print(offline_table({k: v for k, v in result.items() if k not in ("closed_loop", "ope")}))
-    console.print(closed_loop_table(result["closed_loop"]))
-    console.print(ope_table(result["ope"]))
-    from dosewise.evaluate.report import write_report
-
-    page = write_report(out / "iql", out / "report", out / "evaluation.json")
-    console.print(f"data {data_path}, run {out / 'iql'}, evaluation {out / 'evaluation.json'}, report {page}")
+    result = run_demo(out, patients, steps, eval_patients, seed, echo=console.print)
+    console.print(report_table(result.report))
+    print_evaluation(result.evaluation)
+    console.print(f"data {result.data}, run {result.run_dir}, evaluation {result.evaluation_path}, report {result.page}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def small_run(tmp_path_factory):
     data, run = root / "vanco.csv", root / "run"
     result = invoke("simulate", "vancomycin", "--patients", 40, "--seed", 3, "--out", data)
     assert result.exit_code == 0, result.output
-    result = invoke("train", "iql", "--data", data, "--out", run, "--steps", 200, "--quiet", "--config", "configs/iql_conservative.yaml")
+    result = invoke("train", "iql", "--data", data, "--out", run, "--steps", 200, "--quiet", "--config", "iql_conservative")
     assert result.exit_code == 0, result.output
     return root, data, run
 

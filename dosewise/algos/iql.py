@@ -3,17 +3,18 @@
 Kostrikov, Nair & Levine, "Offline Reinforcement Learning with Implicit Q-Learning", ICLR 2022.
 IQL never queries Q on actions outside the data: V(s) is an upper expectile of Q(s, a) over the
 clinicians' actions, Q regresses onto r + gamma * V(s'), and the policy imitates the data
-weighted by exp(beta * advantage). Seed 004 trained without target networks and its policy loss
-oscillated; here the critics are twin Q networks with a Polyak-averaged target, as in the paper.
+weighted by exp(beta * advantage). Without target networks the policy loss oscillates; here the
+critics are twin Q networks with a Polyak-averaged target, as in the paper.
 
 Update order per step: V on the target critics and the policy on the target critics and that
 same (pre-step) V, as one Adam step; then Q on the new V(s'); then the Polyak step. One step is
 one ``update(batch)`` call that returns tensors only, so a training loop never waits on the host
 between logging points.
 
-Built for CPU speed (issue 6, `bench/iql_vs_d3rlpy.py`): every network lives in one flat tensor
+Built for CPU speed (`bench/iql_vs_d3rlpy.py`): every network lives in one flat tensor
 with a leading member axis, so K seeds or K sweep points train as one learner on batched matmuls;
-gradients are written out by hand (checked against autograd in `tests/algos`), every network's
+gradients are written out by hand (`*_and_grad` below; `iql_reference.py` takes the same step by
+autograd, and a test holds the two equal), every network's
 gradient is clipped per member, and one fused Adam kernel steps the networks. ``compile=True``
 adds torch.compile, with Adam written out (`adam_`) so the whole step is one compiled graph.
 """
@@ -87,12 +88,54 @@ def gaussian_log_prob(action: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
     return (-0.5 * z.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
+# -- the same losses with their gradients, written out ------------------------------------------
+# What the learner computes: each loss above and its gradient with respect to the network
+# outputs, which `mlp_backward` then carries to the weights. `iql_reference.ReferenceIQL` takes
+# the same steps by autograd (tested equal).
+
+
+def expectile_loss_and_grad(q: Tensor, v: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor]:
+    """L_V = mean_b w_b (q_b - v_b)^2 with w_b = tau if q_b > v_b else 1 - tau (`expectile_loss`
+    of q - v), and dL_V/dv_b = -2 w_b (q_b - v_b) / B. q, v [..., B] -> loss [...], grad [..., B]."""
+    diff = q - v
+    weight = torch.where(diff > 0, tau, 1.0 - tau)
+    return (weight * diff.square()).mean(-1), (-2.0 / diff.shape[-1]) * weight * diff
+
+
+def awr_loss_and_grads(
+    action: Tensor, mu: Tensor, log_std_raw: Tensor, weight: Tensor, log_std_min: float, log_std_max: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Advantage-weighted regression of the tanh-Gaussian policy and its gradients.
+
+    mean = tanh(mu), log_std = clamp(log_std_raw, min, max), z = (a - mean) / std;
+    L_pi = -mean_b w_b log N(a_b; mean_b, std_b^2) (`gaussian_log_prob`), so with g = -w / B:
+    dL/dmu = g z / std (1 - mean^2) (through the tanh) and dL/dlog_std_raw = g (z^2 - 1) where the
+    clamp passes (zero outside its bounds). action, mu, log_std_raw [..., B, A], weight [..., B]
+    -> loss [...], grad_mu [..., B, A], grad_log_std [..., B, A].
+    """
+    mean, log_std = torch.tanh(mu), log_std_raw.clamp(log_std_min, log_std_max)
+    inv_std = torch.exp(-log_std)
+    z = (action - mean) * inv_std
+    log_prob = (-0.5 * z.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    loss = -(weight * log_prob).mean(-1)
+    g = (-weight / weight.shape[-1]).unsqueeze(-1)  # dL/dlog_prob
+    in_bounds = (log_std_raw >= log_std_min) & (log_std_raw <= log_std_max)
+    return loss, g * z * inv_std * (1.0 - mean.square()), g * (z.square() - 1.0) * in_bounds
+
+
+def td_loss_and_grad(q: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Twin critics' L_Q = sum_i mean_b (q_ib - y_b)^2 and dL_Q/dq_ib = 2 (q_ib - y_b) / B.
+    q [..., 2, B], target y [..., B] -> loss [...], grad [..., 2, B]."""
+    error = q - target.unsqueeze(-2)
+    return error.square().mean(-1).sum(-1), (2.0 / error.shape[-1]) * error
+
+
 # -- stacked networks ---------------------------------------------------------------------------
 # A network is E independent MLPs in one flat tensor [E, P]: layer l's weight [E, in, out] and
 # bias [E, 1, out] are views into it, and one layer of all E copies is one batched matmul. E is
 # the number of ensemble members K (2K for the twin critics). Training writes the gradients out by
 # hand (`mlp_backward`): on a CPU, with layers this small, the autograd engine's bookkeeping per
-# node costs more than the arithmetic. `tests/algos` checks them against autograd.
+# node costs more than the arithmetic. `iql_reference.py` is the same step by autograd.
 
 
 def layer_shapes(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> list[tuple[int, int]]:
@@ -361,24 +404,12 @@ class IQL:
         q_target = nets.q_min(batch.obs, batch.action, target=True)
         v_inputs: list[Tensor] = []
         v = nets.value(batch.obs, v_inputs)
-        diff = q_target - v
-        expectile_weight = torch.where(diff > 0, hyper["tau"], 1.0 - hyper["tau"])
-        loss_v = (expectile_weight * diff.square()).mean(-1)
-        grad_v = (-2.0 / n) * expectile_weight * diff  # d loss_v / d v
-
-        advantage = diff
+        loss_v, grad_v = expectile_loss_and_grad(q_target, v, hyper["tau"])
+        advantage = q_target - v
         weight = awr_weights(advantage, hyper["beta"], cfg.max_weight)
         pi_inputs: list[Tensor] = []
         mu, log_std_raw = nets.policy_raw(batch.obs, pi_inputs)
-        mean, log_std = torch.tanh(mu), log_std_raw.clamp(cfg.log_std_min, cfg.log_std_max)
-        inv_std = torch.exp(-log_std)
-        z = (batch.action - mean) * inv_std
-        log_prob = (-0.5 * z.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        loss_pi = -(weight * log_prob).mean(-1)
-        grad_log_prob = (-weight / n).unsqueeze(-1)  # d loss_pi / d log_prob, [K, B, 1]
-        grad_mu = grad_log_prob * z * inv_std * (1.0 - mean.square())  # through the tanh
-        in_bounds = (log_std_raw >= cfg.log_std_min) & (log_std_raw <= cfg.log_std_max)  # clamp passes these
-        grad_log_std = grad_log_prob * (z.square() - 1.0) * in_bounds
+        loss_pi, grad_mu, grad_log_std = awr_loss_and_grads(batch.action, mu, log_std_raw, weight, cfg.log_std_min, cfg.log_std_max)
         self._adam_step(
             {
                 "v": mlp_backward(nets.layers("v"), v_inputs, grad_v.unsqueeze(-1)),
@@ -389,10 +420,9 @@ class IQL:
         # Q regresses onto r + gamma * V(s') with the V just updated; each twin has its own loss.
         td_target = batch.reward + hyper["gamma"] * (1.0 - batch.done) * nets.value(batch.next_obs)
         q_inputs: list[Tensor] = []
-        q_error = nets.q_both(batch.obs, batch.action, inputs=q_inputs) - td_target.unsqueeze(1)  # [K, 2, B]
-        loss_q = q_error.square().mean(-1).sum(-1)
-        k = q_error.shape[0]
-        grad_q = mlp_backward(nets.layers("q"), q_inputs, (2.0 / n) * q_error.view(2 * k, n, 1))
+        loss_q, grad_out = td_loss_and_grad(nets.q_both(batch.obs, batch.action, inputs=q_inputs), td_target)  # [K], [K, 2, B]
+        k = grad_out.shape[0]
+        grad_q = mlp_backward(nets.layers("q"), q_inputs, grad_out.view(2 * k, n, 1))
         self._adam_step({"q": grad_q.view_as(nets.q)})
 
         nets.q_target.lerp_(nets.q, cfg.polyak)

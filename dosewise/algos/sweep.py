@@ -28,10 +28,11 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.iql import SWEEPABLE, IQLConfig
 from dosewise.algos.training import MODEL_FORMAT, TrainingError, train_iql
 from dosewise.checkpoint import load_safe, save_atomic
-from dosewise.config import ConfigError, IQLRunConfig, TrainConfig, save_config
+from dosewise.config import ConfigError, save_config
 from dosewise.data.transitions import Transitions
 
 GRID_FIELDS = (*SWEEPABLE, "hidden")

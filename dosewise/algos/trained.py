@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dosewise.algos.config import IQLRunConfig
 from dosewise.algos.iql import IQLConfig, Networks
 from dosewise.algos.training import MODEL_FORMAT
 from dosewise.checkpoint import CheckpointError, load_safe
-from dosewise.config import IQLRunConfig
 from dosewise.data.transitions import Normalizer
 
 ACTION_GRID_SIZE = 101  # greedy actions are chosen on this many evenly spaced points of [low, high]

@@ -31,9 +31,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from dosewise.algos.config import IQLRunConfig
 from dosewise.algos.iql import IQL, Batch, IQLConfig
 from dosewise.checkpoint import CheckpointError, load_safe, save_atomic
-from dosewise.config import IQLRunConfig, save_config
+from dosewise.config import save_config
 from dosewise.data.transitions import Normalizer, Transitions
 
 # /2: stacked networks (one flat tensor per network, a leading member axis) and an ensemble's seeds.

@@ -31,25 +31,25 @@ FIGURE_METRICS: tuple[tuple[str, str], ...] = (
 )
 
 
-def strategy_configs(config_dir: str | Path, strategies: tuple[str, ...] = STRATEGIES) -> dict[str, PlannerRunConfig]:
-    """`planner_<strategy>.yaml` of each strategy from `config_dir`, checked to name that strategy
-    and to share the data split, model and training seed (else the comparison is not fair)."""
-    config_dir = Path(config_dir)
-    runs = {}
+def strategy_configs(config_dir: str | Path | None = None, strategies: tuple[str, ...] = STRATEGIES) -> dict[str, PlannerRunConfig]:
+    """`planner_<strategy>` of each strategy (the packaged configs, or the YAML files in
+    `config_dir`), checked to name that strategy and to share the data split, model and training
+    seed (else the comparison is not fair)."""
+    runs, sources = {}, {}
     for name in strategies:
-        path = config_dir / f"planner_{name}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config; compare-strategies reads planner_<strategy>.yaml for {', '.join(strategies)}")
-        run = load_config(path, PlannerRunConfig)
+        source = f"planner_{name}" if config_dir is None else Path(config_dir) / f"planner_{name}.yaml"
+        if config_dir is not None and not Path(source).is_file():
+            raise ConfigError(f"{source}: no such config; compare-strategies reads planner_<strategy>.yaml for {', '.join(strategies)}")
+        run = load_config(source, PlannerRunConfig)
         if run.strategy.name != name:
-            raise ConfigError(f"{path}: strategy.name is {run.strategy.name!r}, expected {name!r}")
-        runs[name] = run
+            raise ConfigError(f"{source}: strategy.name is {run.strategy.name!r}, expected {name!r}")
+        runs[name], sources[name] = run, source
     first_name, first = next(iter(runs.items()))
     for name, run in runs.items():
         for part in ("windows", "model", "train", "data"):
             if getattr(run, part) != getattr(first, part):
                 raise ConfigError(
-                    f"{config_dir / f'planner_{name}.yaml'}: section {part!r} differs from planner_{first_name}.yaml; "
+                    f"{sources[name]}: section {part!r} differs from planner_{first_name}; "
                     "the strategies must share data, split, model and training settings to be comparable"
                 )
     return runs
@@ -71,7 +71,7 @@ def train_one(name: str, run_json: str, data: str, out: str) -> dict[str, Any]:
 def compare_strategies(
     data: str | Path,
     out: str | Path,
-    config_dir: str | Path = "configs",
+    config_dir: str | Path | None = None,
     epochs: int | None = None,
     jobs: int = 2,
     strategies: tuple[str, ...] = STRATEGIES,
@@ -79,7 +79,8 @@ def compare_strategies(
     seed: int | None = None,
 ) -> dict[str, Any]:
     """Train every strategy on `data` (same split, model and seed), then write into `out`:
-    <strategy>/ run directories, comparison.json, comparison.md and env_metrics.png.
+    <strategy>/ run directories, comparison.json, comparison.md and env_metrics.png. The configs
+    are the packaged planner_<strategy>, or those of `config_dir`.
     `epochs` and `seed` override train.epochs and train.seed of every strategy."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

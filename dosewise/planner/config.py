@@ -1,6 +1,6 @@
 """Configuration of the anesthesia planner (DESIGN.md section 2): model sizes, the training
 strategy of seed 000, the rebound alarm and the closed-loop check. One YAML file
-(`configs/planner_*.yaml`, read with `dosewise.config.load_config(path, PlannerRunConfig)`)
+(`dosewise/configs/planner_*.yaml`, read with `dosewise.config.load_config(path, PlannerRunConfig)`)
 says everything a run did and is saved next to it."""
 
 from __future__ import annotations
@@ -119,11 +119,14 @@ class SearchTrainingConfig(BaseModel):
     mcts_weight: float | None = Field(None, ge=0.0)
     # In return standard deviations (value and reward heads are trained in those units).
     margin: float | None = None
-    # Calibrate the margin instead: once, at the first epoch the search trains the policy, set it to
-    # the quantile of Q_mcts - Q_expert over a fixed sample of training windows that leaves this
-    # share of them active (the seed's healthy activation is 10-40 %). The margin then stays fixed,
-    # so the activation of later epochs shows how the gate drifts. None: the preset's fixed margin.
+    # Calibrate the margin instead: set it to the quantile of Q_mcts - Q_expert over a fixed sample
+    # of training windows that leaves this share of them active (the seed's healthy activation is
+    # 10-40 %). None: the preset's fixed margin.
     target_activation: float | None = Field(None, gt=0.0, lt=1.0)
+    # When to calibrate: at every epoch the search trains the policy (activation then stays near the
+    # target by construction, and the margin per epoch shows how optimistic the search grows), or
+    # once at the first (the margin stays fixed and the activation shows the drift).
+    calibrate: Literal["every_epoch", "once"] = "every_epoch"
     # Training windows the calibration searches from (seeded sample).
     calibration_windows: int = Field(1024, ge=16)
     num_simulations: int | None = Field(None, ge=1)

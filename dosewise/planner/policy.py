@@ -24,7 +24,12 @@ from dosewise.planner.config import PlannerRunConfig
 from dosewise.planner.model import PlannerModel
 from dosewise.planner.mpc import MPCConfig, mpc_plan
 from dosewise.sim.anesthesia import Covariates
-from dosewise.sim.anesthesia_cases import CaseCohort, CaseHistory, CaseSpec, pump_concentrations
+from dosewise.sim.anesthesia_cases import (
+    CaseCohort,
+    CaseHistory,
+    CaseSpec,
+    pump_concentrations,
+)
 from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
 
 PlanningMode = Literal["argmax", "beam", "mcts", "mpc"]

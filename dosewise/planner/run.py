@@ -15,7 +15,7 @@ from dosewise.planner.config import PlannerRunConfig, PlannerTrainConfig
 from dosewise.planner.data import subsample
 from dosewise.planner.training import PlannerRun, train_planner
 
-# The recipe `dosewise train planner` uses without --config (configs/planner.yaml).
+# The recipe `dosewise train planner` uses without --config (dosewise/configs/planner.yaml).
 DEFAULT_CONFIG = "planner"
 
 

@@ -358,7 +358,7 @@ class PlannerModule(pl.LightningModule):
             self.margin = float(run.search.resolved("margin"))
         # Training windows the margin is calibrated on (`train_planner` sets them), and the result.
         self.calibration: Batch | None = None
-        self.calibrated: dict[str, float] | None = None
+        self.calibrated: list[dict[str, float]] = []  # per calibration: epoch, margin, windows
         self.activation: list[dict[str, float]] = []  # per epoch: share of windows with weight 1
         self.search_alarms: list[dict[str, Any]] = []
         self._weights: list[Tensor] = []
@@ -461,7 +461,7 @@ class PlannerModule(pl.LightningModule):
             gaps.append(targets.q_mcts - targets.q_expert)
         self.model.train(was_training)
         self.margin = float(torch.quantile(torch.cat(gaps).double(), 1.0 - float(self.search.target_activation)))
-        self.calibrated = {"epoch": self.current_epoch, "margin": self.margin, "windows": int(sum(len(g) for g in gaps))}
+        self.calibrated.append({"epoch": self.current_epoch, "margin": self.margin, "windows": int(sum(len(g) for g in gaps))})
         log.info("MCTS margin calibrated to %.4f return SDs at epoch %d", self.margin, self.current_epoch)
 
     def _record_activation(self) -> None:
@@ -473,6 +473,7 @@ class PlannerModule(pl.LightningModule):
         self._weights = []
         self.activation.append({"epoch": self.current_epoch, "rate": rate})
         self.log("mcts/activation_rate", rate)
+        self.log("mcts/margin", float(self.margin))
         low, high = self.search.activation_alarm
         if not low <= rate <= high:
             alarm = {"epoch": self.current_epoch, "rate": rate, "low": low, "high": high}
@@ -488,7 +489,9 @@ class PlannerModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
-        if self.search.enabled and self.margin is None and policy_active(self.strategy, self.current_epoch):
+        search = self.search
+        calibrating = search.enabled and search.target_activation is not None and policy_active(self.strategy, self.current_epoch)
+        if calibrating and (self.margin is None or search.calibrate == "every_epoch"):
             self.calibrate_margin()
 
     def on_train_epoch_end(self) -> None:

@@ -23,7 +23,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from dosewise.sim.anesthesia import PROPOFOL_MODELS, REMIFENTANIL_MODELS, AnesthesiaSimulator, Covariates, HemoParams
+from dosewise.sim.anesthesia import (
+    PROPOFOL_MODELS,
+    REMIFENTANIL_MODELS,
+    AnesthesiaSimulator,
+    Covariates,
+    HemoParams,
+)
 from dosewise.sim.anesthesia.compartments import discretise
 
 PROPOFOL_MG_PER_ML = 20.0  # Orchestra PPF20: propofol 2 % = 20 mg/mL

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.iql import IQLConfig
-from dosewise.config import IQLRunConfig, TrainConfig
 from dosewise.data.schema import DataConfig
 from dosewise.data.transitions import Transitions
 

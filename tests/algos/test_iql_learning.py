@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.iql import IQLConfig
 from dosewise.algos.trained import TrainedIQL
 from dosewise.algos.training import train_iql
-from dosewise.config import IQLRunConfig, TrainConfig
 from dosewise.data.schema import DataConfig
 
 # The 0.7-expectile e of X ~ U(-1, 1) solves 0.7 (1 - e)^2 = 0.3 (1 + e)^2.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dosewise.algos.config import IQLRunConfig
 from dosewise.algos.trained import ACTION_GRID_SIZE, TrainedIQL
 from dosewise.algos.training import (
     CHECKPOINT_FORMAT,
@@ -22,7 +23,7 @@ from dosewise.algos.training import (
     train_iql,
 )
 from dosewise.checkpoint import CheckpointError, load_safe, save_atomic
-from dosewise.config import IQLRunConfig, load_config
+from dosewise.config import load_config
 from dosewise.data.transitions import Normalizer
 
 STEPS = 60

@@ -9,8 +9,8 @@ FIGURES = ("training_curves", "q_v_distributions", "q_curves", "sensitivity", "p
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
+    from dosewise.algos.config import IQLRunConfig, TrainConfig
     from dosewise.algos.training import train_iql
-    from dosewise.config import IQLRunConfig, TrainConfig
     from dosewise.data import DataConfig, load_transitions
     from dosewise.sim.vancomycin_clinician import simulate_dataset
 

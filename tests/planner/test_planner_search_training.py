@@ -100,13 +100,20 @@ def test_calibrated_margin_activates_the_target_share_of_the_calibration_windows
     of Q_mcts - Q_expert over the calibration windows; searched again with the same draws, those
     windows are active at the target share, and training uses that margin from then on."""
     n = len(tiny_windows["train"])
-    search = SearchTrainingConfig(preset="balanced", num_simulations=4, target_activation=0.25, calibration_windows=n)
+    search = SearchTrainingConfig(preset="balanced", num_simulations=4, target_activation=0.25, calibration_windows=n, calibrate="once")
     run = tiny_run("warmup", epochs=3, warmup_epochs=1).model_copy(update={"search": search})
     trained = train_planner(run, tiny_windows["train"], tiny_windows["val"], tmp_path)
-    calibration = trained.summary["search"]["margin_calibration"]
+    [calibration] = trained.summary["search"]["margin_calibration"]
     assert calibration["epoch"] == 1 and calibration["windows"] == n  # the first epoch after the warm-up
     assert trained.summary["search"]["margin_used"] == calibration["margin"]
     assert [entry["epoch"] for entry in trained.summary["search"]["activation"]] == [1, 2]
+    every = train_planner(
+        run.model_copy(update={"search": search.model_copy(update={"calibrate": "every_epoch"})}),
+        tiny_windows["train"], tiny_windows["val"], tmp_path / "every",
+    ).summary["search"]
+    assert [entry["epoch"] for entry in every["margin_calibration"]] == [1, 2]
+    assert every["margin_calibration"][0]["margin"] == calibration["margin"]  # same model, same draws at epoch 1
+    assert every["margin_used"] == every["margin_calibration"][-1]["margin"]
 
     module = trained.module  # calibrating again on the trained model gives its own quantile, same rule
     module.calibrate_margin()

@@ -148,9 +148,9 @@ def test_windows_per_epoch_draws_a_fresh_subset_each_epoch(tiny_windows):
 
 def test_shipped_configs_load_with_their_strategy():
     for strategy in STRATEGIES:
-        run = load_config(f"configs/planner_{strategy}.yaml", PlannerRunConfig)
+        run = load_config(f"planner_{strategy}", PlannerRunConfig)
         assert run.strategy.name == strategy
-    search = load_config("configs/planner_warmup_mcts.yaml", PlannerRunConfig)
+    search = load_config("planner_warmup_mcts", PlannerRunConfig)
     assert search.strategy.name == "warmup" and search.search.preset == "balanced"
     assert search.closed_loop.modes == ("argmax", "beam", "mcts")
 

@@ -161,7 +161,12 @@ def test_pump_concentrations_are_the_population_patient_of_the_simulator():
     """The pump's concentrations are the simulator's typical patient (no variability) under the same
     rates, step by step, from a drug-free start."""
     from dosewise.sim.anesthesia import AnesthesiaSimulator
-    from dosewise.sim.anesthesia_cases import PUMP_CONCENTRATIONS, propofol_mg_s, pump_concentrations, remifentanil_ug_s
+    from dosewise.sim.anesthesia_cases import (
+        PUMP_CONCENTRATIONS,
+        propofol_mg_s,
+        pump_concentrations,
+        remifentanil_ug_s,
+    )
 
     rng = np.random.default_rng(3)
     cohort = sample_cases(4, rng)

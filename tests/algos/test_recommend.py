@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.iql import IQLConfig
-from dosewise.algos.trained import TrainedIQL
-from dosewise.algos.training import train_iql
-from dosewise.config import IQLRunConfig, TrainConfig
-from dosewise.data.schema import DataConfig
-from dosewise.data.transitions import Transitions
-from dosewise.serve.recommend import (
+from dosewise.algos.recommend import (
     GREEDY_DISAGREEMENT,
     Recommendation,
     StateError,
@@ -23,6 +19,10 @@ from dosewise.serve.recommend import (
     recommend,
     validate_state,
 )
+from dosewise.algos.trained import TrainedIQL
+from dosewise.algos.training import train_iql
+from dosewise.data.schema import DataConfig
+from dosewise.data.transitions import Transitions
 
 NAMES = ("vanco_level", "creatinine")
 IN_RANGE = {"vanco_level": 20.0, "creatinine": 1.0}

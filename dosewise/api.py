@@ -1,0 +1,301 @@
+"""The Python API of dosewise: each function takes typed inputs, returns a typed result, and is
+what one `dosewise` command runs (the CLI only parses options and prints).
+
+    from dosewise import api
+    trained = api.train_iql_from_file("data.csv", "runs/iql")                 # IQLTraining
+    evaluation = api.evaluate_iql("runs/iql", patients=1000)                   # IQLEvaluation
+    advice = api.recommend_iql("runs/iql", {"vanco_level": 25.0, ...})        # DoseRecommendation
+    page = api.report_iql("runs/iql")                                          # Path of index.html
+
+The anesthesia planner's counterparts live in `dosewise.planner.run` (training from a file) and
+`dosewise.planner.policy` (acting on a case).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dosewise.algos.config import IQLRunConfig, TrainConfig
+from dosewise.algos.recommend import Recommendation, recommend
+from dosewise.algos.trained import TrainedIQL
+from dosewise.config import load_config
+from dosewise.data.loading import DataError, DataReport, load_table
+from dosewise.data.transitions import build_transitions
+
+# Outcomes compared member by member in an ensemble's evaluation.
+MEMBER_OUTCOMES = ("auc_in_target_frac", "aki_rate", "mean_return")
+
+Echo = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class IQLTraining:
+    """What `train_iql_from_file` did: where, on how much data, which seeds."""
+
+    run_dir: Path
+    run: IQLRunConfig  # the resolved config, as saved in run_dir/config.yaml
+    report: DataReport  # rows read, dropped (per column) and kept, patients
+    transitions: int
+    seeds: list[int]  # one per ensemble member
+    losses: dict | None  # losses.json of an ensemble: final losses per member and their mean +- sd
+
+
+@dataclass(frozen=True)
+class IQLSweep:
+    """What `sweep_iql_from_file` did: one run folder per grid point, the table in sweep.json."""
+
+    run_dir: Path
+    report: DataReport
+    transitions: int
+    points: int
+    seeds: list[int]
+    summary: list[dict]  # per point: config and final losses (mean, sd over seeds)
+
+
+@dataclass(frozen=True)
+class IQLEvaluation:
+    """Offline statistics of the critics, the closed loop against the clinician and, on request,
+    off-policy estimates next to the simulator's true value; an ensemble also member by member."""
+
+    offline: dict[str, Any]  # num_transitions, q_stats, v_stats, greedy_q, behaviour_q, mc_return ...
+    closed_loop: dict[str, Any]  # learned / clinician / difference, mean and 95 % CI
+    ope: dict[str, Any] | None = None
+    ensemble: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The evaluation JSON: offline statistics at the top level, then the sections."""
+        out = {**self.offline, "closed_loop": self.closed_loop}
+        out.update({name: getattr(self, name) for name in ("ope", "ensemble") if getattr(self, name) is not None})
+        return out
+
+
+@dataclass(frozen=True)
+class DoseRecommendation(Recommendation):
+    """A `Recommendation` with the ensemble's view: members, their actions and their spread."""
+
+    members: int = 1
+    policy_action_sd: float = 0.0  # sd of the members' policy actions; 0 for a single model
+    member_actions: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    data: Path
+    run_dir: Path
+    report: DataReport
+    evaluation: IQLEvaluation
+    evaluation_path: Path
+    page: Path
+
+
+def resolve_iql_run(config: str | Path | None, data: str | Path, steps: int | None = None, seed: int | None = None) -> IQLRunConfig:
+    """The run config (a YAML path or a named config; default the conservative set) with the data
+    path recorded and `steps` / `seed` overriding train.steps / train.seed."""
+    run = load_config(config, IQLRunConfig) if config else IQLRunConfig()
+    train = run.train.model_dump()
+    train.update({k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None})
+    return run.model_copy(update={"train": TrainConfig(**train), "data_path": str(Path(data).resolve())})
+
+
+def train_iql_from_file(
+    data: str | Path,
+    out: str | Path,
+    config: str | Path | IQLRunConfig | None = None,
+    *,
+    seeds: int = 1,
+    resume: bool = False,
+    compile: bool = False,
+    show_progress: bool = False,
+    echo: Echo = print,
+) -> IQLTraining:
+    """Load and check `data`, then train IQL into `out` (config.yaml, tb/, checkpoints/, model.pt;
+    with seeds > 1 an ensemble of members seed..seed+seeds-1 on stacked weights, and losses.json)."""
+    from dosewise.algos.training import train_iql
+
+    run = config if isinstance(config, IQLRunConfig) else resolve_iql_run(config, data)
+    frame, report = _load(data, run, echo)
+    transitions = build_transitions(frame, run.data)
+    members = [run.train.seed + k for k in range(seeds)]
+    ensemble = f" x {seeds} members (seeds {members[0]}..{members[-1]})" if seeds > 1 else ""
+    echo(f"{transitions.n} transitions from {report.patients} patients; training {run.train.steps} steps{ensemble} -> {out}")
+    train_iql(run, transitions, out, resume=resume, show_progress=show_progress, seeds=members, compile=compile)
+    losses_path = Path(out) / "losses.json"
+    losses = json.loads(losses_path.read_text()) if seeds > 1 and losses_path.exists() else None
+    return IQLTraining(Path(out), run, report, transitions.n, members, losses)
+
+
+def sweep_iql_from_file(
+    data: str | Path,
+    out: str | Path,
+    sweep: str | Path,
+    config: str | Path | IQLRunConfig | None = None,
+    *,
+    seeds: int = 1,
+    resume: bool = False,
+    compile: bool = False,
+    show_progress: bool = False,
+    echo: Echo = print,
+) -> IQLSweep:
+    """Every point of the sweep grid (`sweep:` YAML with lists of lr, gamma, beta, tau, hidden),
+    once per seed, trained in one process on stacked weights: OUT/<point>/ is a run per point."""
+    from dosewise.algos.sweep import load_grid, train_sweep
+
+    run = config if isinstance(config, IQLRunConfig) else resolve_iql_run(config, data)
+    frame, report = _load(data, run, echo)
+    transitions = build_transitions(frame, run.data)
+    members = [run.train.seed + k for k in range(seeds)]
+    grid = load_grid(sweep, run.iql)
+    echo(f"{transitions.n} transitions; sweeping {len(grid)} configs x {seeds} seeds, {run.train.steps} steps -> {out}")
+    table = train_sweep(run, transitions, out, grid, members, resume=resume, show_progress=show_progress, compile=compile)
+    return IQLSweep(Path(out), report, transitions.n, len(grid), members, table["summary"])
+
+
+def evaluate_iql(
+    run_dir: str | Path,
+    patients: int = 1000,
+    seed: int = 1000,
+    data: str | Path | None = None,
+    *,
+    per_member: bool = True,
+    ope: bool = False,
+) -> IQLEvaluation:
+    """Offline statistics on the training data (default: the file the run records), the learned
+    policy (an ensemble: the members' mean) against the clinician on `patients` held-out simulated
+    patients, optionally OPE, and with `per_member` every member of an ensemble on the same patients."""
+    from dosewise.evaluate.offline import offline_statistics
+    from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
+
+    model = TrainedIQL.load(run_dir)
+    data_path = Path(data) if data else (Path(model.run_config.data_path) if model.run_config.data_path else None)
+    if data_path is None:
+        raise DataError(f"{run_dir}: the run does not record its training data; pass --data")
+    frame, _ = load_table(data_path, model.run_config.data)
+    transitions = build_transitions(frame, model.run_config.data)
+    offline = offline_statistics(model, transitions)
+    closed_loop = evaluate_vancomycin(model.policy_action, patients, seed)
+    estimates = None
+    if ope:
+        from dosewise.evaluate.ope import evaluate_ope, vancomycin_true_value
+
+        gamma = model.config.gamma
+        estimates = evaluate_ope(model.policy_action, transitions, gamma, seed=seed)
+        estimates["true_value"] = vancomycin_true_value(model.policy_action, gamma, n_patients=max(patients, 2000), seed=seed)
+    ensemble = None
+    if model.members > 1 and per_member:
+        members = {}
+        for k, member_seed in enumerate(model.seeds):
+            closed = evaluate_vancomycin(lambda obs, k=k: model.policy_members(obs)[k], patients, seed)
+            members[str(member_seed)] = {key: closed["learned"][key]["mean"] for key in MEMBER_OUTCOMES}
+        rows = list(members.values())
+        ensemble = {
+            "seeds": model.seeds,
+            "per_member": members,
+            "summary": {
+                key: {"mean": statistics.mean(r[key] for r in rows), "sd": statistics.stdev(r[key] for r in rows)}
+                for key in MEMBER_OUTCOMES
+            },
+        }
+    return IQLEvaluation(offline=offline, closed_loop=closed_loop, ope=estimates, ensemble=ensemble)
+
+
+def recommend_iql(run_or_model: str | Path | TrainedIQL, state: Mapping[str, object]) -> DoseRecommendation:
+    """The dose recommendation for one patient state {feature: value} (every feature of the
+    model, raw clinical units): the policy mean, the critic's greedy action and Q-curve, the
+    ensemble's spread, and warnings (out-of-range features, a greedy action far from the policy)."""
+    model = run_or_model if isinstance(run_or_model, TrainedIQL) else TrainedIQL.load(run_or_model)
+    rec = recommend(model, state)
+    obs = [[rec.state[name] for name in model.feature_names]]
+    return DoseRecommendation(
+        **{name: getattr(rec, name) for name in Recommendation.__dataclass_fields__},
+        members=model.members,
+        policy_action_sd=float(model.policy_spread(obs)[0]),
+        member_actions=[float(a) for a in model.policy_members(obs)[:, 0]],
+    )
+
+
+def report_iql(run_dir: str | Path, out: str | Path | None = None, evaluation: str | Path | None = None) -> Path:
+    """The HTML analysis report with PNG figures (default folder RUN/report); returns index.html."""
+    from dosewise.evaluate.report import write_report
+
+    return write_report(Path(run_dir), Path(out) if out else None, Path(evaluation) if evaluation else None)
+
+
+def write_table(frame, out: str | Path) -> Path:
+    """A simulated or exported table to .csv or .parquet (by suffix)."""
+    out = Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise DataError(f"{out}: unsupported output suffix {out.suffix!r}; use .csv or .parquet")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out, index=False) if out.suffix == ".parquet" else frame.to_csv(out, index=False)
+    return out
+
+
+def simulate_vancomycin(out: str | Path, patients: int = 150, seed: int = 0) -> int:
+    """Simulated vancomycin courses under the simulated clinician (one row per patient per 4 h)
+    written to `out` (.csv or .parquet); returns the number of rows."""
+    from dosewise.sim.vancomycin_clinician import simulate_dataset
+
+    frame = simulate_dataset(patients, seed)
+    write_table(frame, out)
+    return len(frame)
+
+
+def simulate_anesthesia(out: str | Path, cases: int = 500, seed: int = 0) -> int:
+    """Simulated TIVA cases under the simulated anesthesiologist (one row per case per minute,
+    VitalDB track names) written to `out`; returns the number of rows."""
+    from dosewise.sim.anesthesia_clinician import simulate_cases
+
+    frame = simulate_cases(cases, seed)
+    write_table(frame, out)
+    return len(frame)
+
+
+def inspect_data(path: str | Path, config: str | Path | None = None) -> DataReport:
+    """Validate a vancomycin dosing file (columns mapped by the `data:` section of `config`) and
+    report rows, drops per column, patients and feature ranges."""
+    data = load_config(config, IQLRunConfig).data if config else IQLRunConfig().data
+    return load_table(path, data)[1]
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    patients: int = 150,
+    steps: int = 5000,
+    eval_patients: int = 1000,
+    seed: int = 0,
+    echo: Echo = print,
+) -> DemoResult:
+    """Vancomycin end to end on embedded defaults: simulate `patients` -> train IQL -> evaluate on
+    `eval_patients` held-out patients (with OPE) -> report, all under `out`."""
+    from dosewise.algos.training import train_iql
+    from dosewise.sim.vancomycin_clinician import simulate_dataset
+
+    out = Path(out)
+    if (out / "iql").exists():
+        echo(f"replacing the earlier demo in {out}")
+        shutil.rmtree(out / "iql")
+    data_path = write_table(simulate_dataset(patients, seed), out / "vancomycin.csv")
+    run = IQLRunConfig(train=TrainConfig(steps=steps, seed=seed), data_path=str(data_path.resolve()))
+    frame, report = load_table(data_path, run.data)
+    train_iql(run, build_transitions(frame, run.data), out / "iql")
+    evaluation = evaluate_iql(out / "iql", eval_patients, seed=1000 + seed, ope=True)
+    evaluation_path = out / "evaluation.json"
+    evaluation_path.write_text(json.dumps(evaluation.to_dict(), indent=2))
+    page = report_iql(out / "iql", out / "report", evaluation_path)
+    return DemoResult(data_path, out / "iql", report, evaluation, evaluation_path, page)
+
+
+def _load(data: str | Path, run: IQLRunConfig, echo: Echo):
+    frame, report = load_table(data, run.data)
+    if report.rows_dropped_nan:
+        echo(f"dropped {report.rows_dropped_nan} of {report.rows_total} rows with missing values: {report.dropped_nan_by_column}")
+    return frame, report
