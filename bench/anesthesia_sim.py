@@ -23,8 +23,12 @@ from dosewise.sim.anesthesia import open_loop
 def cohort(n: int, minutes: int, seed: int = 0):
     """Adult covariates [N] and infusions [N, T] changing every 5 minutes (mg/s, µg/s)."""
     rng = np.random.default_rng(seed)
-    cov = {"age": rng.uniform(18, 85, n), "height": rng.uniform(150, 195, n),
-               "weight": rng.uniform(45, 120, n), "sex": rng.integers(0, 2, n).astype(float)}
+    cov = {
+        "age": rng.uniform(18, 85, n),
+        "height": rng.uniform(150, 195, n),
+        "weight": rng.uniform(45, 120, n),
+        "sex": rng.integers(0, 2, n).astype(float),
+    }
     blocks = -(-minutes // 5)
     u_p = np.repeat(rng.uniform(0.05, 0.4, (n, blocks)), 300, axis=1)[:, : minutes * 60]
     u_r = np.repeat(rng.uniform(0.05, 0.5, (n, blocks)), 300, axis=1)[:, : minutes * 60]
@@ -39,8 +43,7 @@ def run_pas(cov, u_p, u_r, save_data: bool = False) -> tuple[float, dict[str, np
     out = {"bis": np.empty((n, t)), "map": np.empty((n, t))}
     start = time.perf_counter()
     for i in range(n):
-        patient = pas.Patient([cov["age"][i], cov["height"][i], cov["weight"][i], int(cov["sex"][i])],
-                              save_data_bool=save_data)
+        patient = pas.Patient([cov["age"][i], cov["height"][i], cov["weight"][i], int(cov["sex"][i])], save_data_bool=save_data)
         for k in range(t):
             b, _, m, _ = patient.one_step(u_p[i, k], u_r[i, k], noise=False)
             out["bis"][i, k], out["map"][i, k] = b[0], m[0]
@@ -89,8 +92,10 @@ def main() -> None:
         print(f"{label:<28} | {row['patients']:>8} | {row['seconds']:>8.2f} | {row['patient_hours_per_s']:>11.2f}")
     if "pas_save_data_true" in r:
         print(f"PAS with save_data_bool=True: {r['pas_save_data_true']['patient_hours_per_s']:.3f} patient-h/s")
-    print(f"speedup vs PAS: {r['speedup_vs_pas']:.0f}x; max |ours - PAS|: BIS {r['max_abs_diff']['bis']:.1e}, "
-          f"MAP {r['max_abs_diff']['map']:.1e} mmHg")
+    print(
+        f"speedup vs PAS: {r['speedup_vs_pas']:.0f}x; max |ours - PAS|: BIS {r['max_abs_diff']['bis']:.1e}, "
+        f"MAP {r['max_abs_diff']['map']:.1e} mmHg"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(r, indent=2))
     print(f"wrote {args.json}")

@@ -61,8 +61,11 @@ def matmul_calls(hidden: tuple[int, ...], batch_size: int, members: int) -> list
     g = torch.Generator().manual_seed(0)
     k, b = members, batch_size
     batch = Batch(
-        torch.randn(k, b, OBS_DIM, generator=g), torch.rand(k, b, ACTION_DIM, generator=g) * 2 - 1,
-        torch.randn(k, b, generator=g), torch.randn(k, b, OBS_DIM, generator=g), torch.zeros(k, b),
+        torch.randn(k, b, OBS_DIM, generator=g),
+        torch.rand(k, b, ACTION_DIM, generator=g) * 2 - 1,
+        torch.randn(k, b, generator=g),
+        torch.randn(k, b, OBS_DIM, generator=g),
+        torch.zeros(k, b),
     )
     learner.update(batch)  # builds the cached layer views
     with RecordMatmuls() as rec:
@@ -119,22 +122,24 @@ def roofline(d3rlpy_steps_per_s: dict[tuple[tuple[int, ...], int], float]) -> di
         seconds = sum(best_seconds(c, inner=200 if hidden == (32, 32) else 10) for c in calls)
         d3 = d3rlpy_steps_per_s[(hidden, 64 if k > 1 else batch)]
         per_seed = k / seconds
-        result["rows"].append({
-            "hidden": list(hidden),
-            "batch": batch,
-            "members": k,
-            "d3rlpy_steps_per_s": d3,
-            "matmul_calls_per_step": len(calls),
-            "flops_per_member_step": total_flops // k,
-            "matmul_seconds_per_step": seconds,
-            "matmul_gflops": round(total_flops / seconds / 1e9, 1),
-            "bound_seed_steps_per_s": round(per_seed, 1),
-            "bound_ratio_vs_d3rlpy": round(per_seed / d3, 2),
-            "bound_at_square_sgemm_rate_ratio_vs_d3rlpy": round(sgemm * 1e9 * k / total_flops / d3, 2),
-            "target_ratio": target,
-            "target_seed_steps_per_s": round(target * d3, 1),
-            "target_needs_gflops": round(target * d3 * total_flops / k / 1e9, 1),
-        })
+        result["rows"].append(
+            {
+                "hidden": list(hidden),
+                "batch": batch,
+                "members": k,
+                "d3rlpy_steps_per_s": d3,
+                "matmul_calls_per_step": len(calls),
+                "flops_per_member_step": total_flops // k,
+                "matmul_seconds_per_step": seconds,
+                "matmul_gflops": round(total_flops / seconds / 1e9, 1),
+                "bound_seed_steps_per_s": round(per_seed, 1),
+                "bound_ratio_vs_d3rlpy": round(per_seed / d3, 2),
+                "bound_at_square_sgemm_rate_ratio_vs_d3rlpy": round(sgemm * 1e9 * k / total_flops / d3, 2),
+                "target_ratio": target,
+                "target_seed_steps_per_s": round(target * d3, 1),
+                "target_needs_gflops": round(target * d3 * total_flops / k / 1e9, 1),
+            }
+        )
     return result
 
 

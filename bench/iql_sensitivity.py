@@ -59,6 +59,8 @@ from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
 from dosewise.sim.vancomycin_clinician import simulate_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import contextlib
+
 from vancomycin_outcomes import METRICS  # the same three closed-loop metrics
 
 CONFIG = "iql_conservative"  # the packaged config
@@ -79,7 +81,22 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 LATE_STEPS = 1000  # "late change": of the whole-data Q loss over the last 1000 steps
 MIN_RELATIVE = 0.05  # a diagnostic differs from the default's only by at least 5 % of it (and outside its CI)
 SETTLED = 0.02  # a Q loss that changed by at most 2 % over those steps has settled
-DIAGNOSTICS = ("q_loss_final", "q_loss_min", "q_loss_growth", "q_loss_late_change", "q_min", "q_max", "q_range_ratio", "heldout_train_ratio", "pi_loss_train", "pi_gap", "advantage_sd", "awr_weight_sd", "pi_drift", "departure")
+DIAGNOSTICS = (
+    "q_loss_final",
+    "q_loss_min",
+    "q_loss_growth",
+    "q_loss_late_change",
+    "q_min",
+    "q_max",
+    "q_range_ratio",
+    "heldout_train_ratio",
+    "pi_loss_train",
+    "pi_gap",
+    "advantage_sd",
+    "awr_weight_sd",
+    "pi_drift",
+    "departure",
+)
 
 
 def fmt_value(factor: str, value) -> str:
@@ -192,7 +209,9 @@ def checkpoint_diagnostics(group_dir: Path, configs: dict[str, IQLConfig], train
     return out
 
 
-def train_points(run: IQLRunConfig, transitions: Transitions, configs: list[IQLConfig], seed: int, out: Path) -> list[tuple[Path, Path] | None]:
+def train_points(
+    run: IQLRunConfig, transitions: Transitions, configs: list[IQLConfig], seed: int, out: Path
+) -> list[tuple[Path, Path] | None]:
     """Train every config with ``seed``: one `train_sweep` per set of configs that differ only in what a
     sweep varies (the Polyak block is a second one). If a learner's loss turns NaN, that sweep's
     configs train one at a time. Returns (learner directory, the point's run directory) per config,
@@ -254,8 +273,8 @@ def one_seed(seed: int, run: IQLRunConfig, configs: list[IQLConfig], eval_patien
             row["greedy_q"] = {m: greedy["learned"][m]["mean"] for m in METRICS}
             row.update(diagnostics[i])
         else:  # training stopped on a NaN loss
-            row["policy"] = row["greedy_q"] = {m: math.nan for m in METRICS}
-            row.update({k: math.nan for k in DIAGNOSTICS}, diverged=True)
+            row["policy"] = row["greedy_q"] = dict.fromkeys(METRICS, math.nan)
+            row.update(dict.fromkeys(DIAGNOSTICS, math.nan), diverged=True)
         points.append(row)
     return {"seed": seed, "eval_seed": eval_seed, "clinician": clinician, "points": points}
 
@@ -284,7 +303,14 @@ def aggregate(seeds: list[dict], configs: list[IQLConfig]) -> list[dict]:
         per_seed = [s["points"][i] for s in seeds]
         base = [s["points"][0] for s in seeds]
         entry = {
-            "config": {"lr": config.lr, "gamma": config.gamma, "hidden": list(config.hidden), "beta": config.beta, "tau": config.tau, "polyak": config.polyak},
+            "config": {
+                "lr": config.lr,
+                "gamma": config.gamma,
+                "hidden": list(config.hidden),
+                "beta": config.beta,
+                "tau": config.tau,
+                "polyak": config.polyak,
+            },
             "diverged": sum(bool(p["diverged"]) for p in per_seed),
             "seeds": len(per_seed),
         }
@@ -316,11 +342,18 @@ def crosscheck(per_seed: list[dict], steps: int, eval_patients: int, path: Path 
 
 def machine() -> dict:
     model = platform.processor() or platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": 1, "torch": torch.__version__, "python": platform.python_version(), "load_avg_at_start": list(os.getloadavg())}
+    with contextlib.suppress(OSError, StopIteration):
+        model = next(
+            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
+        )
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch_threads": 1,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_avg_at_start": list(os.getloadavg()),
+    }
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -568,7 +601,9 @@ def markdown(report: dict, rows: list[dict]) -> str:
     for r in rows:
         e = summary[r["config"]]
         p, d = e["policy"], e["policy_vs_default"]
-        delta = ("–", "–", "–") if r["default"] else (ci(d["auc_in_target_frac"], 100), ci(d["aki_rate"], 100), ci(d["mean_return"], digits=2))
+        delta = (
+            ("–", "–", "–") if r["default"] else (ci(d["auc_in_target_frac"], 100), ci(d["aki_rate"], 100), ci(d["mean_return"], digits=2))
+        )
         lines.append(
             f"| {r['factor']} | {row_value(r)} | {pm(p['auc_in_target_frac'], 100)} | {pm(p['aki_rate'], 100)} | {pm(p['mean_return'], digits=2)} "
             f"| {delta[0]} | {delta[1]} | {delta[2]} | {pm(e['greedy_q']['auc_in_target_frac'], 100)} |"
@@ -708,7 +743,9 @@ def main() -> None:
     start = time.perf_counter()
     machine_info = machine()
     run = load_config(CONFIG, IQLRunConfig)
-    seeds, steps, every, eval_patients = (2, 1000, 250, 200) if args.quick else (args.seeds, run.train.steps, run.train.checkpoint_every, 1000)
+    seeds, steps, every, eval_patients = (
+        (2, 1000, 250, 200) if args.quick else (args.seeds, run.train.steps, run.train.checkpoint_every, 1000)
+    )
     run = run.model_copy(update={"train": TrainConfig(**{**run.train.model_dump(), "steps": steps, "checkpoint_every": every})})
     configs, rows = design(run.iql)
     console = Console()
@@ -722,9 +759,17 @@ def main() -> None:
     print_table(console, summary, rows)
     report = {
         "command": "python bench/iql_sensitivity.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "settings": {"seeds": seeds, "patients": PATIENTS, "steps": steps, "checkpoint_every": every, "eval_patients": eval_patients,
-                     "growth_limit": GROWTH_LIMIT, "base": run.iql.model_dump(mode="json"), "factors": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in FACTORS.items()},
-                     "json": str(args.json) if args.json else None},
+        "settings": {
+            "seeds": seeds,
+            "patients": PATIENTS,
+            "steps": steps,
+            "checkpoint_every": every,
+            "eval_patients": eval_patients,
+            "growth_limit": GROWTH_LIMIT,
+            "base": run.iql.model_dump(mode="json"),
+            "factors": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in FACTORS.items()},
+            "json": str(args.json) if args.json else None,
+        },
         "machine": machine_info,
         "rows": rows,
         "summary": summary,

@@ -106,7 +106,16 @@ def _peak_mb() -> float:
 def _iql_config(hidden: tuple[int, ...], batch: int):
     from dosewise.algos.iql import IQLConfig
 
-    return IQLConfig(hidden=hidden, batch_size=batch, lr=HYPER["lr"], gamma=HYPER["gamma"], beta=HYPER["beta"], tau=HYPER["tau"], polyak=HYPER["polyak"], max_weight=HYPER["max_weight"])
+    return IQLConfig(
+        hidden=hidden,
+        batch_size=batch,
+        lr=HYPER["lr"],
+        gamma=HYPER["gamma"],
+        beta=HYPER["beta"],
+        tau=HYPER["tau"],
+        polyak=HYPER["polyak"],
+        max_weight=HYPER["max_weight"],
+    )
 
 
 def run_ours(path: str, hidden: tuple[int, ...], batch: int, steps: int, members: int = 1, compile: bool = False) -> dict:
@@ -270,7 +279,9 @@ def _subprocess_tty(args: list[str]) -> dict:
         result = Path(tmp) / "result.json"
         env = {**os.environ, **ALLOCATOR_ENVIRONMENT, RESULT_ENV: str(result), "TERM": os.environ.get("TERM", "xterm-256color")}
         env.pop("COLUMNS", None)
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env
+        )
         os.close(slave)
         tail = b""
         while True:

@@ -50,11 +50,18 @@ def planner_model(seed: int = 0) -> PlannerModel:
     """The default planner model, random weights, statistics of plausible anaesthesia windows."""
     torch.manual_seed(seed)
     model = PlannerModel(PlannerModelConfig(), max_len=MAX_LEN, pre_len=PRE_LEN)
-    model.set_stats(PlannerStats(
-        vital_mean=np.array([45.0, 80.0, 115.0, 65.0, 70.0]), vital_std=np.array([8.0, 12.0, 15.0, 10.0, 10.0]),
-        static_mean=np.array([55.0, 0.5, 168.0, 70.0, 2.0]), static_std=np.array([15.0, 0.5, 9.0, 14.0, 0.7]),
-        reward_mean=-0.3, reward_std=0.4, return_mean=-6.0, return_std=4.0,
-    ))
+    model.set_stats(
+        PlannerStats(
+            vital_mean=np.array([45.0, 80.0, 115.0, 65.0, 70.0]),
+            vital_std=np.array([8.0, 12.0, 15.0, 10.0, 10.0]),
+            static_mean=np.array([55.0, 0.5, 168.0, 70.0, 2.0]),
+            static_std=np.array([15.0, 0.5, 9.0, 14.0, 0.7]),
+            reward_mean=-0.3,
+            reward_std=0.4,
+            return_mean=-6.0,
+            return_std=4.0,
+        )
+    )
     return model.eval()
 
 
@@ -65,20 +72,24 @@ def windows(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     a per-window maximum of 120..200 mL/h invalid)."""
     g = torch.Generator().manual_seed(seed)
     vitals = torch.tensor([45.0, 80.0, 115.0, 65.0, 70.0]) + torch.randn(n, MAX_LEN, 5, generator=g) * torch.tensor(
-        [8.0, 12.0, 15.0, 10.0, 10.0])
-    rates = torch.stack(
-        [torch.randint(0, 60, (n, MAX_LEN), generator=g), torch.randint(0, 40, (n, MAX_LEN), generator=g)], -1
+        [8.0, 12.0, 15.0, 10.0, 10.0]
     )
+    rates = torch.stack([torch.randint(0, 60, (n, MAX_LEN), generator=g), torch.randint(0, 40, (n, MAX_LEN), generator=g)], -1)
     option = torch.zeros(n, MAX_LEN, 1)
     history = torch.cat([vitals, rates.float(), option], dim=-1)
     real = torch.randint(10, MAX_LEN + 1, (n,), generator=g)
     mask = torch.arange(MAX_LEN) >= (MAX_LEN - real).unsqueeze(1)
     history = history * mask.unsqueeze(-1)
-    static = torch.stack([
-        torch.randint(20, 85, (n,), generator=g).float(), torch.randint(0, 2, (n,), generator=g).float(),
-        150 + 40 * torch.rand(n, generator=g), 50 + 50 * torch.rand(n, generator=g),
-        torch.randint(1, 4, (n,), generator=g).float(),
-    ], dim=1)
+    static = torch.stack(
+        [
+            torch.randint(20, 85, (n,), generator=g).float(),
+            torch.randint(0, 2, (n,), generator=g).float(),
+            150 + 40 * torch.rand(n, generator=g),
+            50 + 50 * torch.rand(n, generator=g),
+            torch.randint(1, 4, (n,), generator=g).float(),
+        ],
+        dim=1,
+    )
     limit = torch.randint(120, RATE_LEVELS, (n, 2, 1), generator=g)
     invalid = torch.arange(RATE_LEVELS) > limit
     return history, mask, static, invalid
@@ -189,7 +200,10 @@ def time_variants(model, inputs, invalid, configs, noise, variants, chunks, n_re
             # float32: the batched model call and the reference's batch-of-one calls round
             # differently, so near-ties may break differently (the tests check float64 equality).
             "same_action_share": (torch.stack(run["reference_actions"]) == run["result"].action[:n_reference])
-            .all(-1).float().mean().item(),
+            .all(-1)
+            .float()
+            .mean()
+            .item(),
             "nodes_per_tree": ((tree.parents != UNVISITED).sum(1) + 1).float().mean().item(),
         }
     return timed
@@ -283,8 +297,7 @@ def profile(repeats: int = 3) -> dict:
     spent: dict[str, float] = collections.defaultdict(float)
     ops: collections.Counter = collections.Counter()
     inside = ["search"]  # the phase now running, innermost last
-    phases = ("_puct_scores", "_select", "_model_inputs", "_store", "sample_iid_children", "_backup",
-              "sample_distinct_children", "_result")
+    phases = ("_puct_scores", "_select", "_model_inputs", "_store", "sample_iid_children", "_backup", "sample_distinct_children", "_result")
     originals = {name: getattr(mcts_module, name) for name in phases}
 
     def timed(name, function):
@@ -296,6 +309,7 @@ def profile(repeats: int = 3) -> dict:
             finally:
                 inside.pop()
                 spent[name] += time.perf_counter() - start
+
         return wrapper
 
     class CountOps(TorchDispatchMode):
@@ -324,8 +338,11 @@ def profile(repeats: int = 3) -> dict:
         for name, function in originals.items():
             setattr(mcts_module, name, function)
     per_simulation = {name: count / config.num_simulations for name, count in ops.items()}
-    return {"total_ms": 1e3 * total, "phases_ms": {name: 1e3 * value for name, value in timings.items()},
-            "ops_per_simulation": per_simulation}
+    return {
+        "total_ms": 1e3 * total,
+        "phases_ms": {name: 1e3 * value for name, value in timings.items()},
+        "ops_per_simulation": per_simulation,
+    }
 
 
 def main() -> None:
@@ -339,8 +356,10 @@ def main() -> None:
     if args.profile:
         split = profile()
         ops = split["ops_per_simulation"]
-        print(f"one batched search, batch {BATCH}, 50 simulations: {split['total_ms']:.0f} ms, "
-              f"{sum(ops.values()):.0f} ATen operations per simulation")
+        print(
+            f"one batched search, batch {BATCH}, 50 simulations: {split['total_ms']:.0f} ms, "
+            f"{sum(ops.values()):.0f} ATen operations per simulation"
+        )
         print(f"  {'phase (nested)':<26} {'ms':>7} {'share':>7} {'ops/sim':>8} (own, not nested)")
         for name, ms in sorted(split["phases_ms"].items(), key=lambda item: -item[1]):
             print(f"  {name:<26} {ms:7.1f} {100 * ms / split['total_ms']:6.1f}% {ops.get(name, 0):8.1f}")
@@ -351,26 +370,38 @@ def main() -> None:
     if overhead:
         r["training_epoch_overhead"] = overhead
     timed = f"{r['reference_windows_timed']} windows timed, x{BATCH // r['reference_windows_timed']}"
-    print(f"MCTS, batch {BATCH}, {r['config']['num_simulations']} simulations, default planner model, CPU, 1 thread; "
-          f"reference: {timed if r['reference_extrapolated'] else 'all windows timed'}")
+    print(
+        f"MCTS, batch {BATCH}, {r['config']['num_simulations']} simulations, default planner model, CPU, 1 thread; "
+        f"reference: {timed if r['reference_extrapolated'] else 'all windows timed'}"
+    )
     header = ("variant", "batched s", "reference s", "speedup", "same action", "nodes/tree")
     print(" | ".join(f"{h:<30}" if i == 0 else f"{h:>11}" for i, h in enumerate(header)))
     for name, v in r["variants"].items():
-        print(f"{name:<30} | {v['batched_median_s']:>11.3f} | {v['reference_s_for_batch']:>11.3f} | "
-              f"{v['speedup']:>10.1f}x | {v['same_action_share']:>11.0%} | {v['nodes_per_tree']:>11.1f}")
+        print(
+            f"{name:<30} | {v['batched_median_s']:>11.3f} | {v['reference_s_for_batch']:>11.3f} | "
+            f"{v['speedup']:>10.1f}x | {v['same_action_share']:>11.0%} | {v['nodes_per_tree']:>11.1f}"
+        )
     every = r["all_cores"]["variants"]["puct_with_representation"]
-    print(f"with {r['all_cores']['threads']} threads: batched {every['batched_median_s']:.3f} s, reference "
-          f"{every['reference_s_for_batch']:.3f} s")
-    print(f"speedup vs reference (pUCT, with representation): {r['speedup_vs_reference']:.1f}x on one thread, "
-          f"{r['speedup_vs_reference_best_threads']:.1f}x with each side at its faster thread count (target >= 20x)")
+    print(
+        f"with {r['all_cores']['threads']} threads: batched {every['batched_median_s']:.3f} s, reference "
+        f"{every['reference_s_for_batch']:.3f} s"
+    )
+    print(
+        f"speedup vs reference (pUCT, with representation): {r['speedup_vs_reference']:.1f}x on one thread, "
+        f"{r['speedup_vs_reference_best_threads']:.1f}x with each side at its faster thread count (target >= 20x)"
+    )
     if overhead:
-        print(f"training epoch ({overhead['batches_per_epoch']} batches of {BATCH}, whole batch searched): "
-              f"search off {overhead['epoch_s_off']:.1f} s")
+        print(
+            f"training epoch ({overhead['batches_per_epoch']} batches of {BATCH}, whole batch searched): "
+            f"search off {overhead['epoch_s_off']:.1f} s"
+        )
         for name, p in overhead["presets"].items():
             print(f"  {name:<13} {p['num_simulations']:>3} simulations: {p['epoch_s']:.1f} s = {p['ratio_vs_off']:.2f}x (target <= 2x)")
         rollout = overhead["off_policy_rollout"]
-        print(f"  no search, policy rollout (aggressive's Stage 2 without the search): {rollout['epoch_s']:.1f} s = "
-              f"{rollout['ratio_vs_off']:.2f}x; aggressive over it: {overhead['presets']['aggressive']['ratio_vs_off_policy_rollout']:.2f}x")
+        print(
+            f"  no search, policy rollout (aggressive's Stage 2 without the search): {rollout['epoch_s']:.1f} s = "
+            f"{rollout['ratio_vs_off']:.2f}x; aggressive over it: {overhead['presets']['aggressive']['ratio_vs_off_policy_rollout']:.2f}x"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(r, indent=2))
     print(f"wrote {args.json}")

@@ -81,13 +81,15 @@ def main() -> None:
                 with context():
                     root, recurrent = module.planner_search_fns_from_memory(searched, memory, padding)
                     module.search(root, recurrent, config, invalid, noise)
+
             return run
 
         results["search"] = alternate(search_with(old_mcts), search_with(new_mcts), args.repeats)
 
         trained = planner_model().train()
-        results["inference_mode"] = alternate(search_with(new_mcts, torch.no_grad, trained),
-                                              search_with(new_mcts, torch.inference_mode, trained), args.repeats)
+        results["inference_mode"] = alternate(
+            search_with(new_mcts, torch.no_grad, trained), search_with(new_mcts, torch.inference_mode, trained), args.repeats
+        )
     print(f"A/B against {args.against}, batch {BATCH}, one thread, median of {args.repeats}")
     print(f"{'comparison':<16} {'old ms':>8} {'new ms':>8} {'old / new':>10}")
     for name, r in results.items():

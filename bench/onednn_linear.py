@@ -27,10 +27,22 @@ import torch.nn.functional as F
 from dosewise import onednn
 
 SHAPES = [  # rows, in, out
-    (1, 64, 64), (1, 64, 402), (65, 64, 192), (65, 64, 402),
-    (128, 64, 64), (128, 64, 128), (128, 128, 64), (128, 64, 192), (128, 64, 402),
-    (8320, 64, 64), (8320, 64, 128), (8320, 128, 64), (8320, 64, 192),
-    (256, 8, 256), (256, 256, 256), (1024, 1024, 1024),  # an IQL [256, 256] member's layers, batch 256
+    (1, 64, 64),
+    (1, 64, 402),
+    (65, 64, 192),
+    (65, 64, 402),
+    (128, 64, 64),
+    (128, 64, 128),
+    (128, 128, 64),
+    (128, 64, 192),
+    (128, 64, 402),
+    (8320, 64, 64),
+    (8320, 64, 128),
+    (8320, 128, 64),
+    (8320, 64, 192),
+    (256, 8, 256),
+    (256, 256, 256),
+    (1024, 1024, 1024),  # an IQL [256, 256] member's layers, batch 256
 ]
 
 
@@ -78,21 +90,34 @@ def main() -> None:
             mkl_t, dnn_t, packed_t = (statistics.median(times[name]) for name in sides)
             pack_us = median_us(lambda w=weight, r=rows: torch.ops.mkldnn._reorder_linear_weight(w, r), 50)
             flops = 2 * rows * d_in * d_out
-            rows_out.append({
-                "rows": rows, "in": d_in, "out": d_out, "mkl_us": mkl_t, "onednn_us": dnn_t,
-                "onednn_packed_us": packed_t, "pack_us": pack_us,
-                "mkl_gflops": flops / mkl_t / 1e3, "onednn_gflops": flops / dnn_t / 1e3,
-                "speedup": mkl_t / dnn_t, "linear_takes_onednn": rows * d_in * d_out >= onednn.MIN_MULTIPLY_ADDS,
-                "max_abs_difference": float((mkl() - dnn()).abs().max()),
-            })
+            rows_out.append(
+                {
+                    "rows": rows,
+                    "in": d_in,
+                    "out": d_out,
+                    "mkl_us": mkl_t,
+                    "onednn_us": dnn_t,
+                    "onednn_packed_us": packed_t,
+                    "pack_us": pack_us,
+                    "mkl_gflops": flops / mkl_t / 1e3,
+                    "onednn_gflops": flops / dnn_t / 1e3,
+                    "speedup": mkl_t / dnn_t,
+                    "linear_takes_onednn": rows * d_in * d_out >= onednn.MIN_MULTIPLY_ADDS,
+                    "max_abs_difference": float((mkl() - dnn()).abs().max()),
+                }
+            )
     print("fp32 linear, one thread: MKL (F.linear) vs oneDNN (plain weight, as dosewise.onednn; packed); median us")
-    print(f"{'rows x in -> out':<22} {'MKL us':>9} {'oneDNN us':>10} {'speedup':>8} {'GFLOP/s MKL / oneDNN':>22} "
-          f"{'packed us':>10} {'taken':>6}")
+    print(
+        f"{'rows x in -> out':<22} {'MKL us':>9} {'oneDNN us':>10} {'speedup':>8} {'GFLOP/s MKL / oneDNN':>22} "
+        f"{'packed us':>10} {'taken':>6}"
+    )
     for r in rows_out:
         shape = f"{r['rows']} x {r['in']} -> {r['out']}"
-        print(f"{shape:<22} {r['mkl_us']:>9.1f} {r['onednn_us']:>10.1f} {r['speedup']:>7.2f}x "
-              f"{r['mkl_gflops']:>10.0f} / {r['onednn_gflops']:<9.0f} {r['onednn_packed_us']:>10.1f} "
-              f"{'yes' if r['linear_takes_onednn'] else 'no':>6}")
+        print(
+            f"{shape:<22} {r['mkl_us']:>9.1f} {r['onednn_us']:>10.1f} {r['speedup']:>7.2f}x "
+            f"{r['mkl_gflops']:>10.0f} / {r['onednn_gflops']:<9.0f} {r['onednn_packed_us']:>10.1f} "
+            f"{'yes' if r['linear_takes_onednn'] else 'no':>6}"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"min_multiply_adds": onednn.MIN_MULTIPLY_ADDS, "shapes": rows_out}, indent=2))
     print(f"wrote {args.json}")

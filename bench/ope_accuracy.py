@@ -103,10 +103,21 @@ def one_seed(seed: int, iql_steps: int, config: OPEConfig, workdir: Path) -> dic
     names = list(policies)
     truths = [rows[p]["truth"]["mean"] for p in names]
     ranking = {
-        e: {"pairwise": pairwise_order_accuracy([rows[p][e]["mean"] for p in names], truths), "spearman": spearman([rows[p][e]["mean"] for p in names], truths)}
+        e: {
+            "pairwise": pairwise_order_accuracy([rows[p][e]["mean"] for p in names], truths),
+            "spearman": spearman([rows[p][e]["mean"] for p in names], truths),
+        }
         for e in ESTIMATORS
     }
-    return {"seed": seed, "gamma": gamma, "episodes": ope["episodes"], "bandwidth": ope["bandwidth"], "behaviour_model": behaviour[1], "policies": rows, "ranking": ranking}
+    return {
+        "seed": seed,
+        "gamma": gamma,
+        "episodes": ope["episodes"],
+        "bandwidth": ope["bandwidth"],
+        "behaviour_model": behaviour[1],
+        "policies": rows,
+        "ranking": ranking,
+    }
 
 
 def summarise(results: list[dict]) -> dict:
@@ -151,7 +162,9 @@ def markdown_tables(summary: dict, policies: dict) -> str:
         lines.append(f"| {name} | {p['truth']:.2f} | {cells} | {p['ess']:.1f} | {100 * p['overlap']:.0f} % |")
     lines += ["", "| estimator | mean abs. error | 95 % CI covers truth | pairwise order correct | Spearman |", "|---|---|---|---|---|"]
     for e, s in summary.items():
-        lines.append(f"| {e.upper() if e != 'wis' else 'PDWIS'} | {s['mae']:.2f} | {100 * s['coverage']:.0f} % | {100 * s['pairwise_order']:.0f} % | {s['spearman']:.2f} |")
+        lines.append(
+            f"| {e.upper() if e != 'wis' else 'PDWIS'} | {s['mae']:.2f} | {100 * s['coverage']:.0f} % | {100 * s['pairwise_order']:.0f} % | {s['spearman']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -177,7 +190,9 @@ def main() -> None:
     fmt = lambda x: f"{x['mean']:6.2f} [{x['ci95'][0]:6.2f}, {x['ci95'][1]:6.2f}]"
     for r in results:
         for name, p in r["policies"].items():
-            print(f"{r['seed']:>4} | {name:<14} | {p['truth']['mean']:6.2f} | {fmt(p['fqe'])} | {fmt(p['wis'])} | {fmt(p['wdr'])} | {p['ess']:5.1f} | {100 * p['overlap']:5.0f} %")
+            print(
+                f"{r['seed']:>4} | {name:<14} | {p['truth']['mean']:6.2f} | {fmt(p['fqe'])} | {fmt(p['wis'])} | {fmt(p['wdr'])} | {p['ess']:5.1f} | {100 * p['overlap']:5.0f} %"
+            )
     summary = summarise(results)
     policies = per_policy(results)
     print("\nmean over seeds (markdown):\n")
@@ -187,9 +202,17 @@ def main() -> None:
     args.json.write_text(
         json.dumps(
             {
-                "command": "python bench/ope_accuracy.py" + (" --quick" if args.quick else f" --seeds {seeds}") + (f" --bandwidth {args.bandwidth}" if args.bandwidth else ""),
-                "patients": 150, "iql_steps": iql_steps, "truth_patients": TRUTH_PATIENTS, "truth_seed": TRUTH_SEED,
-                "seconds": elapsed, "summary": summary, "per_policy": policies, "seeds": results,
+                "command": "python bench/ope_accuracy.py"
+                + (" --quick" if args.quick else f" --seeds {seeds}")
+                + (f" --bandwidth {args.bandwidth}" if args.bandwidth else ""),
+                "patients": 150,
+                "iql_steps": iql_steps,
+                "truth_patients": TRUTH_PATIENTS,
+                "truth_seed": TRUTH_SEED,
+                "seconds": elapsed,
+                "summary": summary,
+                "per_policy": policies,
+                "seeds": results,
             },
             indent=2,
         )

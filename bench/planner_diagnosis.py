@@ -61,10 +61,18 @@ DECODINGS: tuple[Decoding, ...] = ("argmax", "mean", "median")
 # Rate changes of the counterfactual test: (propofol, remifentanil) as a factor of the current rate,
 # or "max" for the pump's top rate; None keeps that drug's rate.
 VARIANTS: dict[str, tuple[float | str | None, float | str | None]] = {
-    "propofol x0": (0.0, None), "propofol x0.5": (0.5, None), "propofol x1.5": (1.5, None), "propofol max": ("max", None),
-    "remifentanil x0": (None, 0.0), "remifentanil x0.5": (None, 0.5), "remifentanil x1.5": (None, 1.5),
-    "remifentanil max": (None, "max"), "both x0": (0.0, 0.0), "both x1.5": (1.5, 1.5),
-    "propofol x1.5, remifentanil x0.5": (1.5, 0.5), "propofol x0.5, remifentanil x1.5": (0.5, 1.5),
+    "propofol x0": (0.0, None),
+    "propofol x0.5": (0.5, None),
+    "propofol x1.5": (1.5, None),
+    "propofol max": ("max", None),
+    "remifentanil x0": (None, 0.0),
+    "remifentanil x0.5": (None, 0.5),
+    "remifentanil x1.5": (None, 1.5),
+    "remifentanil max": (None, "max"),
+    "both x0": (0.0, 0.0),
+    "both x1.5": (1.5, 1.5),
+    "propofol x1.5, remifentanil x0.5": (1.5, 0.5),
+    "propofol x0.5, remifentanil x1.5": (0.5, 1.5),
 }
 
 
@@ -199,13 +207,21 @@ def ceiling_features(run: CaseRun, t: int, rows: np.ndarray, action: np.ndarray,
         vitals[..., 0] = np.where(steps == 0, 97.4, clean)
     before = np.where((steps > 0)[None, :, None], run.rates[np.maximum(steps - 1, 0)][:, rows].transpose(1, 0, 2), 0)
     x = np.zeros((len(rows), CEILING_STEPS, 8))
-    x[:, CEILING_STEPS - len(steps):, :5] = (vitals - [50.0, 80.0, 110.0, 60.0, 70.0]) / [15.0, 15.0, 20.0, 12.0, 12.0]
-    x[:, CEILING_STEPS - len(steps):, 5:7] = before / 100.0
-    x[:, CEILING_STEPS - len(steps):, 7] = 1.0
+    x[:, CEILING_STEPS - len(steps) :, :5] = (vitals - [50.0, 80.0, 110.0, 60.0, 70.0]) / [15.0, 15.0, 20.0, 12.0, 12.0]
+    x[:, CEILING_STEPS - len(steps) :, 5:7] = before / 100.0
+    x[:, CEILING_STEPS - len(steps) :, 7] = 1.0
     cov = run.cohort.covariates
     extra = [
-        np.stack([(cov.age[rows] - 58) / 14, cov.sex[rows], (cov.height[rows] - 165) / 9, (cov.weight[rows] - 65) / 12,
-                  np.full(len(rows), float(t * run.spec.step_s < 600))], axis=1),
+        np.stack(
+            [
+                (cov.age[rows] - 58) / 14,
+                cov.sex[rows],
+                (cov.height[rows] - 165) / 9,
+                (cov.weight[rows] - 65) / 12,
+                np.full(len(rows), float(t * run.spec.step_s < 600)),
+            ],
+            axis=1,
+        ),
         np.asarray(action, dtype=np.float64) / 100.0,
     ]
     if inputs.endswith("stimulation"):
@@ -326,7 +342,9 @@ class MLPCloner(nn.Module):
         super().__init__()
         self.planner = planner  # for its normalisation statistics only
         n_in = MLP_STEPS * 9 + planner.n_static
-        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 2 * RATE_LEVELS))
+        self.net = nn.Sequential(
+            nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 2 * RATE_LEVELS)
+        )
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
         p = self.planner
@@ -342,7 +360,7 @@ def train_mlp_cloner(planner: PlannerModel, windows, steps: int, seed: int) -> M
     cloner = MLPCloner(planner)
     for parameter in cloner.planner.parameters():
         parameter.requires_grad_(False)
-    optimiser = torch.optim.AdamW([p for p in cloner.net.parameters()], lr=1e-3, weight_decay=1e-4)
+    optimiser = torch.optim.AdamW(list(cloner.net.parameters()), lr=1e-3, weight_decay=1e-4)
     history = torch.from_numpy(windows.history)
     mask = torch.from_numpy(windows.history_mask)
     static = torch.from_numpy(windows.static)
@@ -377,7 +395,9 @@ def action_errors(model: PlannerModel, cloner: MLPCloner, states) -> dict:
     """|decoded action - the clinician's| per drug at the held-out decisions (mL/h)."""
     errors = {f"{who}_{decoding}": [] for who in ("transformer", "mlp") for decoding in DECODINGS}
     for _, state, actions in states:
-        window, mask, static = (torch.from_numpy(x) for x in history_window(state.history(), model.max_len, concentrations=model.concentrations))
+        window, mask, static = (
+            torch.from_numpy(x) for x in history_window(state.history(), model.max_len, concentrations=model.concentrations)
+        )
         memory, _ = model.represent(window, mask, static)
         heads = {"transformer": model.policy_logits(memory[:, -1]).log_softmax(-1), "mlp": cloner(window, mask, static).log_softmax(-1)}
         for who, log_policy in heads.items():
@@ -427,9 +447,14 @@ def imitation_section(args: argparse.Namespace, model: PlannerModel, run, states
         print(f"  {name:<24} {value['propofol']:6.2f} / {value['remifentanil']:6.2f}")
     print(f"closed loop on {args.loop_cases} held-out cases")
     for name, row in imitated["closed_loop"].items():
-        print(f"  {name:<24} BIS 40-60 {row['pct_bis_40_60']['mean']:5.1f} %  MAP<65 {row['pct_map_below_65']['mean']:5.1f} %"
-              f"  nadir {row['bis_nadir']['mean']:5.1f}  propofol {row['propofol_mg_kg_h']['mean']:5.2f} mg/kg/h")
-    print("decisions repeating the previous propofol rate: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in imitated["repeat_previous_propofol"].items()))
+        print(
+            f"  {name:<24} BIS 40-60 {row['pct_bis_40_60']['mean']:5.1f} %  MAP<65 {row['pct_map_below_65']['mean']:5.1f} %"
+            f"  nadir {row['bis_nadir']['mean']:5.1f}  propofol {row['propofol_mg_kg_h']['mean']:5.2f} mg/kg/h"
+        )
+    print(
+        "decisions repeating the previous propofol rate: "
+        + ", ".join(f"{k} {100 * v:.1f} %" for k, v in imitated["repeat_previous_propofol"].items())
+    )
     return imitated
 
 
@@ -441,7 +466,9 @@ def main() -> None:
     parser.add_argument("--clones", type=int, default=32, help="simulator clones per state for the noise floor")
     parser.add_argument("--loop-cases", type=int, default=200, help="held-out cases of the imitation closed loops")
     parser.add_argument("--mlp-steps", type=int, default=4000, help="training steps of the MLP baseline")
-    parser.add_argument("--ceiling-cases", type=int, default=1500, help="simulated training cases of the one-step predictors (0: skip them)")
+    parser.add_argument(
+        "--ceiling-cases", type=int, default=1500, help="simulated training cases of the one-step predictors (0: skip them)"
+    )
     parser.add_argument("--ceiling-steps", type=int, default=12000, help="training steps of each one-step predictor")
     parser.add_argument("--quick", action="store_true", help="few cases and clones: a smoke run")
     parser.add_argument("--env-only", action="store_true", help="the noise floor and counterfactuals only (no imitation)")
@@ -458,8 +485,10 @@ def main() -> None:
     floor = noise_floor(model, states, args.clones, spec, HELD_OUT_SEED + 10)
     print(f"noise floor ({floor['states']} states x {args.clones} clones), per horizon step 1..{model.pre_len}")
     for vital in ("bis", "map"):
-        print(f"  {vital.upper()} MAE oracle {np.round(floor[f'oracle_{vital}_mae'], 2)}  model {np.round(floor[f'model_{vital}_mae'], 2)}"
-              f"  ratio {np.round(floor[f'{vital}_ratio'], 2)}")
+        print(
+            f"  {vital.upper()} MAE oracle {np.round(floor[f'oracle_{vital}_mae'], 2)}  model {np.round(floor[f'model_{vital}_mae'], 2)}"
+            f"  ratio {np.round(floor[f'{vital}_ratio'], 2)}"
+        )
     ceiling = None
     if args.ceiling_cases:
         ceiling = information_ceiling(states, args.ceiling_cases, args.ceiling_steps, spec, HELD_OUT_SEED + 30, floor["oracle_bis_mae"][0])
@@ -470,11 +499,15 @@ def main() -> None:
     print("counterfactual change over horizon steps 1..K, true vs model (mean), sign agreement where |true| >= 1")
     for name, entry in effects["variants"].items():
         b = entry["bis"]
-        print(f"  {name:<34} dBIS true {np.round(b['true_mean'], 1)} model {np.round(b['pred_mean'], 1)} "
-              f"sign {100 * b['sign_agreement']:5.1f} % (n {b['sign_counted']}); dMAP sign {100 * entry['map']['sign_agreement']:5.1f} %")
+        print(
+            f"  {name:<34} dBIS true {np.round(b['true_mean'], 1)} model {np.round(b['pred_mean'], 1)} "
+            f"sign {100 * b['sign_agreement']:5.1f} % (n {b['sign_counted']}); dMAP sign {100 * entry['map']['sign_agreement']:5.1f} %"
+        )
     for vital in ("bis", "map"):
         o = effects["overall"][vital]
-        print(f"  overall d{vital.upper()}: MAE per step {np.round(o['mae'], 2)}, sign agreement {100 * o['sign_agreement']:.1f} % of {o['sign_counted']}")
+        print(
+            f"  overall d{vital.upper()}: MAE per step {np.round(o['mae'], 2)}, sign agreement {100 * o['sign_agreement']:.1f} % of {o['sign_counted']}"
+        )
     imitated = None if args.env_only else imitation_section(args, model, run, states, spec)
     result = {
         "run": str(args.run),
@@ -482,7 +515,9 @@ def main() -> None:
         "cases": args.cases,
         "decision_minutes": list(DECISION_MINUTES),
         "held_out_seed": HELD_OUT_SEED,
-        "summary_val": {k: v for k, v in json.loads((args.run / "summary.json").read_text())["final"].items() if k.startswith(("val_", "rollout/"))},
+        "summary_val": {
+            k: v for k, v in json.loads((args.run / "summary.json").read_text())["final"].items() if k.startswith(("val_", "rollout/"))
+        },
         "noise_floor": floor,
         "information_ceiling": ceiling,
         "counterfactual": effects,

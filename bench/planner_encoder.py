@@ -48,6 +48,7 @@ def main() -> None:
         def run():
             with torch.inference_mode():
                 encoder(tokens[rows], padding[rows])
+
         return run
 
     def training(encoder):
@@ -57,6 +58,7 @@ def main() -> None:
             encoder(x, padding).square().mean().backward()
             model.zero_grad(set_to_none=True)
             model.eval()
+
         return run
 
     cases = {

@@ -62,8 +62,13 @@ def runs(quick: bool, seed: int = 0, presets: tuple[str, ...] = (*PRESETS[1:], "
     "calibrated": balanced with the margin calibrated to CALIBRATED_ACTIVATION), same budget."""
     base = load_config("planner_warmup", PlannerRunConfig)
     train = PlannerTrainConfig(
-        **{**base.train.model_dump(), "epochs": 2 if quick else 12, "windows_per_epoch": 640 if quick else 6400,
-           "max_val_windows": 512 if quick else 4000, "seed": seed}
+        **{
+            **base.train.model_dump(),
+            "epochs": 2 if quick else 12,
+            "windows_per_epoch": 640 if quick else 6400,
+            "max_val_windows": 512 if quick else 4000,
+            "seed": seed,
+        }
     )
     strategy = StrategyConfig(**{**base.strategy.model_dump(), "warmup_epochs": 1 if quick else 4})
     common = {"train": train, "strategy": strategy, "closed_loop": ClosedLoopConfig(cases=0)}
@@ -110,8 +115,10 @@ def across_seeds(paths: list[Path]) -> dict:
     for key in ("cases", "quick", "data"):
         values = [r.get(key) for r in results]
         if len(set(map(str, values))) > 1:
-            raise SystemExit(f"--across needs runs that differ only in --seed; their {key!r} differ: "
-                             + ", ".join(f"{path}: {value}" for path, value in zip(paths, values)))
+            raise SystemExit(
+                f"--across needs runs that differ only in --seed; their {key!r} differ: "
+                + ", ".join(f"{path}: {value}" for path, value in zip(paths, values))
+            )
     policies = [row["policy"] for row in results[0]["rows"]]
     table = []
     for policy in policies:
@@ -127,8 +134,10 @@ def across_seeds(paths: list[Path]) -> dict:
 
 
 def print_across(summary: dict) -> None:
-    print(f"closed loop on {summary['cases']} held-out simulated cases, training seeds {summary['seeds']}: "
-          "mean over seeds of each seed's mean [lowest, highest seed]")
+    print(
+        f"closed loop on {summary['cases']} held-out simulated cases, training seeds {summary['seeds']}: "
+        "mean over seeds of each seed's mean [lowest, highest seed]"
+    )
     print(f"{'policy':<28}" + "".join(f"{label:>24}" for _, label in OUTCOMES) + f"{'MCTS activation':>20}")
     for row in summary["rows"]:
         cells = "".join(f"{row[k]['mean']:>9.1f} [{row[k]['min']:5.1f}, {row[k]['max']:5.1f}]" for k, _ in OUTCOMES)
@@ -148,8 +157,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 epochs, 6 cases: a smoke run")
     parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, minibatch order)")
     parser.add_argument("--across", type=Path, nargs="+", help="only summarise earlier runs' JSONs across seeds")
-    parser.add_argument("--presets", nargs="+", choices=(*PRESETS[1:], "calibrated"), default=[*PRESETS[1:], "calibrated"],
-                        help="Stage 2 search presets trained beside BC alone")
+    parser.add_argument(
+        "--presets",
+        nargs="+",
+        choices=(*PRESETS[1:], "calibrated"),
+        default=[*PRESETS[1:], "calibrated"],
+        help="Stage 2 search presets trained beside BC alone",
+    )
     args = parser.parse_args()
     if args.across:
         summary = across_seeds(args.across)
@@ -198,15 +212,17 @@ def main() -> None:
         trained = name.rsplit("_", 1)[0] if name != "simulated_anesthesiologist" else None
         search = summaries[trained]["search"] if trained in summaries else {}
         activation = search.get("activation") or []
-        table.append({
-            "policy": name,
-            **{key: outcome[key] for key, _ in OUTCOMES},
-            "activation_rate_last_epoch": activation[-1]["rate"] if activation else None,
-            "activation_by_epoch": [entry["rate"] for entry in activation] or None,
-            "margin": search.get("margin_used"),
-            "activation_alarms": len(search.get("activation_alarms", [])),
-            "epoch_time_s": summaries[trained]["epoch_time_s"] if trained in summaries else None,
-        })
+        table.append(
+            {
+                "policy": name,
+                **{key: outcome[key] for key, _ in OUTCOMES},
+                "activation_rate_last_epoch": activation[-1]["rate"] if activation else None,
+                "activation_by_epoch": [entry["rate"] for entry in activation] or None,
+                "margin": search.get("margin_used"),
+                "activation_alarms": len(search.get("activation_alarms", [])),
+                "epoch_time_s": summaries[trained]["epoch_time_s"] if trained in summaries else None,
+            }
+        )
     result = {
         "quick": args.quick,
         "seed": args.seed,
@@ -224,9 +240,7 @@ def main() -> None:
     print(f"closed loop on {cases} held-out simulated cases (seed 2000), training seed {args.seed}: mean [95 % CI]")
     print(header)
     for row in table:
-        cells = "".join(
-            f"{row[key]['mean']:>9.1f} [{row[key]['ci95'][0]:5.1f}, {row[key]['ci95'][1]:5.1f}]" for key, _ in OUTCOMES
-        )
+        cells = "".join(f"{row[key]['mean']:>9.1f} [{row[key]['ci95'][0]:5.1f}, {row[key]['ci95'][1]:5.1f}]" for key, _ in OUTCOMES)
         rate = row["activation_rate_last_epoch"]
         print(f"{row['policy']:<28}{cells}{'' if rate is None else f'{100 * rate:>16.1f}%'}")
     print(f"training {train_s / 60:.1f} min, closed loop {loop_s / 60:.1f} min")

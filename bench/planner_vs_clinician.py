@@ -142,8 +142,12 @@ def plot(result: dict, path: Path) -> None:
     names = [n for n in result["seeds"][0]["policies"] if n not in ("bc_argmax", "planner")]
     fig, axes = plt.subplots(2, 2, figsize=(13, 8), sharey=True, constrained_layout=True)
     for row, (cohort, seeds) in enumerate(cohorts):
-        for col, (key, label) in enumerate((("pct_bis_40_60", "% maintenance in BIS 40-60 (higher is better)"),
-                                            ("pct_map_below_65", "% time MAP < 65 mmHg (lower is better)"))):
+        for col, (key, label) in enumerate(
+            (
+                ("pct_bis_40_60", "% maintenance in BIS 40-60 (higher is better)"),
+                ("pct_map_below_65", "% time MAP < 65 mmHg (lower is better)"),
+            )
+        ):
             ax = axes[row, col]
             height = 0.8 / len(seeds)
             for i, entry in enumerate(seeds):
@@ -151,8 +155,9 @@ def plot(result: dict, path: Path) -> None:
                 means = [value(entry["policies"][n][key]["mean"]) for n in names]
                 low = [m - value(entry["policies"][n][key]["ci95"][0]) for m, n in zip(means, names)]
                 high = [value(entry["policies"][n][key]["ci95"][1]) - m for m, n in zip(means, names)]
-                ax.barh(np.arange(len(names)) + i * height, means, height, xerr=[low, high], capsize=2,
-                        label=f"training seed {entry['seed']}")
+                ax.barh(
+                    np.arange(len(names)) + i * height, means, height, xerr=[low, high], capsize=2, label=f"training seed {entry['seed']}"
+                )
             ax.set_yticks(np.arange(len(names)) + 0.4 - height / 2, names)
             ax.set_title(f"{cohort} cohort: {label}", fontsize=10)
             ax.grid(axis="x", alpha=0.3)
@@ -160,8 +165,9 @@ def plot(result: dict, path: Path) -> None:
                 clinician = np.mean([entry["policies"]["clinician"][key]["mean"] for entry in seeds])
                 ax.axvline(clinician, color="gray", ls="--", lw=1)
     axes[0, 0].invert_yaxis()
-    fig.suptitle(f"planner vs the simulated anesthesiologist, {result['cases']} held-out cases per cohort, mean and 95 % CI;"
-                 " dashed: the clinician")
+    fig.suptitle(
+        f"planner vs the simulated anesthesiologist, {result['cases']} held-out cases per cohort, mean and 95 % CI; dashed: the clinician"
+    )
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=len(result["seeds"]), fontsize=9)
     fig.get_layout_engine().set(rect=(0, 0.04, 1, 0.96))
     fig.savefig(path, dpi=110)
@@ -177,8 +183,14 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=200, help="held-out cases per cohort")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="planning modes to run closed loop")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a config field (an ablation), e.g. --set model.action_encoding=embedding")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field (an ablation), e.g. --set model.action_encoding=embedding",
+    )
     parser.add_argument("--quick", action="store_true", help="one seed, 2 short epochs, 12 cases: a smoke run in minutes")
     parser.add_argument("--out", type=Path, default=Path("runs/planner_vs_clinician"))
     parser.add_argument("--json", type=Path, default=Path("bench/results/planner_vs_clinician.json"))
@@ -200,8 +212,16 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
         futures = [
-            pool.submit(train_and_evaluate, seed, recipe(args.config, seed, args.quick, args.overrides).model_dump_json(),
-                        str(data.resolve()), str(args.out / f"seed{seed}"), n_cases, args.data_seed, tuple(args.modes))
+            pool.submit(
+                train_and_evaluate,
+                seed,
+                recipe(args.config, seed, args.quick, args.overrides).model_dump_json(),
+                str(data.resolve()),
+                str(args.out / f"seed{seed}"),
+                n_cases,
+                args.data_seed,
+                tuple(args.modes),
+            )
             for seed in seeds
         ]
         per_seed = [future.result() for future in futures]

@@ -63,7 +63,9 @@ def main() -> None:
     for row in rows:
         for side in ("learned_policy", "greedy_q", "clinician"):
             r = row[side]
-            print(f"{row['seed']:>4} | {side:<14} | {100 * r['auc_in_target_frac']:>12.1f}% | {100 * r['aki_rate']:>5.1f}% | {r['mean_return']:>7.2f}")
+            print(
+                f"{row['seed']:>4} | {side:<14} | {100 * r['auc_in_target_frac']:>12.1f}% | {100 * r['aki_rate']:>5.1f}% | {r['mean_return']:>7.2f}"
+            )
     summary = {
         side: {m: [float(np.mean([r[side][m] for r in rows])), float(np.std([r[side][m] for r in rows]))] for m in METRICS}
         for side in ("learned_policy", "greedy_q", "clinician")
@@ -71,7 +73,9 @@ def main() -> None:
     for side, values in summary.items():
         print(f"mean±sd {side:<14} | " + " | ".join(f"{m} {v[0]:.3f}±{v[1]:.3f}" for m, v in values.items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"patients": 150, "steps": steps, "eval_patients": eval_patients, "seeds": rows, "summary": summary}, indent=2))
+    args.json.write_text(
+        json.dumps({"patients": 150, "steps": steps, "eval_patients": eval_patients, "seeds": rows, "summary": summary}, indent=2)
+    )
     print(f"wrote {args.json}")
 
 

@@ -107,7 +107,9 @@ def report_table(report: DataReport) -> Table:
 @friendly_errors
 def data_inspect(
     path: Annotated[Path, typer.Argument(help="CSV or Parquet file.")],
-    config: Annotated[Path | None, typer.Option(help="Run config (a packaged config name or a YAML path) whose `data:` section maps the columns.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Run config (a packaged config name or a YAML path) whose `data:` section maps the columns.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate a dosing file and report rows, drops, patients and feature ranges."""
@@ -128,7 +130,10 @@ def data_inspect(
 def train_iql_command(
     data: Annotated[Path, typer.Option(help="Training data, CSV or Parquet.")],
     out: Annotated[Path, typer.Option(help="Run directory: config, TensorBoard, checkpoints, model.")],
-    config: Annotated[Path | None, typer.Option(help="Run config: a packaged config name or a YAML path (default: iql_conservative, the tuned conservative set).")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Run config: a packaged config name or a YAML path (default: iql_conservative, the tuned conservative set)."),
+    ] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Override train.steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override train.seed.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
@@ -199,7 +204,9 @@ def members_table(losses: dict) -> Table:
 def train_planner_command(
     data: Annotated[Path, typer.Option(help="Anesthesia cases, CSV or Parquet (e.g. from `dosewise simulate anesthesia`).")],
     out: Annotated[Path, typer.Option(help="Run directory: config, TensorBoard, CSV metrics, checkpoints, model.pt, summary.json.")],
-    config: Annotated[Path | None, typer.Option(help="Planner config: a YAML file or a config name, e.g. planner_joint (default: planner, the recipe).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Planner config: a YAML file or a config name, e.g. planner_joint (default: planner, the recipe).")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
@@ -210,28 +217,40 @@ def train_planner_command(
     result = train_planner_from_file(run, data, out, show_progress=not quiet, echo=console.print)
     final = result.summary["final"]
     console.print(
-        "val: " + ", ".join(f"{name} {final[name]:.3g}" for name in
-                            ("val_bis_mae", "val_map_mae", "val_reward_mae", "val_value_mae", "val_action_mae_ppf", "val_action_mae_rftn"))
+        "val: "
+        + ", ".join(
+            f"{name} {final[name]:.3g}"
+            for name in ("val_bis_mae", "val_map_mae", "val_reward_mae", "val_value_mae", "val_action_mae_ppf", "val_action_mae_rftn")
+        )
     )
     for alarm in result.summary["alarms"]:
-        console.print(f"[bold yellow]rebound alarm:[/] {alarm['metric']} {alarm['value']:.3g} at epoch {alarm['epoch']} (best {alarm['best']:.3g} at epoch {alarm['best_epoch']})")
+        console.print(
+            f"[bold yellow]rebound alarm:[/] {alarm['metric']} {alarm['value']:.3g} at epoch {alarm['epoch']} (best {alarm['best']:.3g} at epoch {alarm['best_epoch']})"
+        )
     search = result.summary["search"]
     if search["activation"]:
         rates = ", ".join(f"{100 * entry['rate']:.0f}" for entry in search["activation"])
         console.print(f"MCTS activation rate per epoch (%): {rates}")
     for alarm in search["activation_alarms"]:
-        console.print(f"[bold yellow]MCTS activation alarm:[/] {100 * alarm['rate']:.1f} % at epoch {alarm['epoch']} (healthy {100 * alarm['low']:.0f}-{100 * alarm['high']:.0f} %)")
+        console.print(
+            f"[bold yellow]MCTS activation alarm:[/] {100 * alarm['rate']:.1f} % at epoch {alarm['epoch']} (healthy {100 * alarm['low']:.0f}-{100 * alarm['high']:.0f} %)"
+        )
     if "closed_loop" in result.summary:
         loop = result.summary["closed_loop"]
-        table = Table(title=f"closed loop on {loop['cases']} held-out simulated cases (seed {loop['seed']}): mean [95 % CI]", box=box.SIMPLE_HEAD)
+        table = Table(
+            title=f"closed loop on {loop['cases']} held-out simulated cases (seed {loop['seed']}): mean [95 % CI]", box=box.SIMPLE_HEAD
+        )
         table.add_column("policy")
         for column in ("BIS 40-60 %", "MAP < 65 %", "BIS nadir"):
             table.add_column(column, no_wrap=True)  # headers short, numbers never wrap
         for name, outcome in loop["policies"].items():
-            table.add_row(name.replace("simulated_anesthesiologist", "clinician (sim.)"), *(
-                f"{outcome[key]['mean']:.1f} [{outcome[key]['ci95'][0]:.1f}, {outcome[key]['ci95'][1]:.1f}]"
-                for key in ("pct_bis_40_60", "pct_map_below_65", "bis_nadir")
-            ))
+            table.add_row(
+                name.replace("simulated_anesthesiologist", "clinician (sim.)"),
+                *(
+                    f"{outcome[key]['mean']:.1f} [{outcome[key]['ci95'][0]:.1f}, {outcome[key]['ci95'][1]:.1f}]"
+                    for key in ("pct_bis_40_60", "pct_map_below_65", "bis_nadir")
+                ),
+            )
         console.print(table)
     console.print(f"summary: {out / 'summary.json'}; TensorBoard: tensorboard --logdir {out / 'tb'}")
 
@@ -257,10 +276,15 @@ def compare_strategies_command(
         table.add_column(column)
     for r in result["rows"]:
         table.add_row(
-            r["strategy"], f"{r['final_val_bis_mae']:.2f} (best {r['best_val_bis_mae']:.2f})",
-            f"{r['final_val_map_mae']:.2f} (best {r['best_val_map_mae']:.2f})", f"{r['final_val_reward_mae']:.3f}",
-            f"{r['final_val_value_mae']:.2f}", f"{r['val_action_mae_ppf']:.1f}/{r['val_action_mae_rftn']:.1f}",
-            str(r["rebound_alarms"]), f"{r['pct_bis_40_60']:.1f}", f"{r['pct_map_below_65']:.1f}",
+            r["strategy"],
+            f"{r['final_val_bis_mae']:.2f} (best {r['best_val_bis_mae']:.2f})",
+            f"{r['final_val_map_mae']:.2f} (best {r['best_val_map_mae']:.2f})",
+            f"{r['final_val_reward_mae']:.3f}",
+            f"{r['final_val_value_mae']:.2f}",
+            f"{r['val_action_mae_ppf']:.1f}/{r['val_action_mae_rftn']:.1f}",
+            str(r["rebound_alarms"]),
+            f"{r['pct_bis_40_60']:.1f}",
+            f"{r['pct_map_below_65']:.1f}",
         )
     console.print(table)
     console.print(f"table: {out / 'comparison.md'}; figure: {out / 'env_metrics.png'}")
@@ -327,7 +351,9 @@ def evaluate_command(
     per_member: Annotated[
         bool, typer.Option(help="For an ensemble run, also every member's own policy in closed loop (same patients) and mean +- sd.")
     ] = True,
-    ope: Annotated[bool, typer.Option("--ope", help="Also off-policy estimates (FQE, PDWIS, WDR, ESS) next to the simulator's true value.")] = False,
+    ope: Annotated[
+        bool, typer.Option("--ope", help="Also off-policy estimates (FQE, PDWIS, WDR, ESS) next to the simulator's true value.")
+    ] = False,
 ) -> None:
     """Offline statistics of the critics, and the learned policy vs the clinician in closed loop.
 

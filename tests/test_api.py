@@ -35,7 +35,7 @@ def test_training_returns_what_it_did(trained):
 
 
 def test_evaluation_is_a_record_and_its_json_is_the_cli_file(trained, tmp_path):
-    root, _, result = trained
+    _root, _, result = trained
     evaluation = api.evaluate_iql(result.run_dir, patients=20, seed=7)
     assert isinstance(evaluation, api.IQLEvaluation) and evaluation.ope is None
     assert evaluation.offline["num_transitions"] == result.transitions

@@ -364,7 +364,9 @@ class IQL:
             for name, param in zip(names, params):
                 state = self.adam[name]
                 rate = lr.view(-1, *[1] * (param.dim() - 1)) if per_member else lr
-                adam_(param, clip_per_member_(grads[name], self.config.grad_clip), state["exp_avg"], state["exp_avg_sq"], state["step"], rate)
+                adam_(
+                    param, clip_per_member_(grads[name], self.config.grad_clip), state["exp_avg"], state["exp_avg_sq"], state["step"], rate
+                )
             return
         targets = [torch.zeros_like(p) for p in params] if per_member else params
         functional_adam(

@@ -138,12 +138,26 @@ def train_sweep(
                 },
                 point_dir / "model.pt",
             )
-            results.append({"name": names[i], "run": str(point_dir), "seed": seed, "config": {f: getattr(config, f) for f in GRID_FIELDS}, "losses": losses[names[i]]})
+            results.append(
+                {
+                    "name": names[i],
+                    "run": str(point_dir),
+                    "seed": seed,
+                    "config": {f: getattr(config, f) for f in GRID_FIELDS},
+                    "losses": losses[names[i]],
+                }
+            )
 
     summary = []
     for config in configs:  # mean and sd over seeds, per grid point
         rows = [r for r in results if r["config"] == {f: getattr(config, f) for f in GRID_FIELDS}]
-        summary.append({"config": rows[0]["config"], "seeds": [r["seed"] for r in rows], "losses": {k: _mean_sd([r["losses"][k] for r in rows]) for k in rows[0]["losses"]}})
+        summary.append(
+            {
+                "config": rows[0]["config"],
+                "seeds": [r["seed"] for r in rows],
+                "losses": {k: _mean_sd([r["losses"][k] for r in rows]) for k in rows[0]["losses"]},
+            }
+        )
     report = {"points": results, "summary": summary}
     (out_dir / "sweep.json").write_text(json.dumps(report, indent=2, default=list))
     return report

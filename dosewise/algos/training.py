@@ -114,7 +114,11 @@ def summarize_members(metrics: dict[str, torch.Tensor], seeds: Sequence[int], la
         sd = math.sqrt(sum((x - mean) ** 2 for x in row) / (len(row) - 1)) if len(row) > 1 else 0.0
         summary[key] = {"mean": mean, "sd": sd}
     labels = [str(s) for s in seeds] if labels is None else list(labels)
-    return {"seeds": list(seeds), "per_member": {name: {k: row[i] for k, row in table.items()} for i, name in enumerate(labels)}, "summary": summary}
+    return {
+        "seeds": list(seeds),
+        "per_member": {name: {k: row[i] for k, row in table.items()} for i, name in enumerate(labels)},
+        "summary": summary,
+    }
 
 
 def _check_run_dir(out_dir: Path, run: IQLRunConfig, resume: bool, seeds: list[int], labels: list[str]) -> Path | None:
@@ -191,7 +195,14 @@ def train_iql(
     torch.set_num_threads(tc.threads)
     batch_size = run.iql.batch_size
     metrics: dict[str, torch.Tensor] = {}
-    columns = [TextColumn("[bold]IQL"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}")]
+    columns = [
+        TextColumn("[bold]IQL"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[losses]}"),
+    ]
     try:
         with Progress(*columns, disable=not show_progress, transient=False) as progress:
             task = progress.add_task("train", total=tc.steps, completed=start, losses="")
@@ -237,4 +248,13 @@ def train_iql(
     return learner
 
 
-__all__ = ["CHECKPOINT_FORMAT", "MODEL_FORMAT", "CheckpointError", "TrainingError", "data_tensors", "latest_checkpoint", "sample", "train_iql"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "MODEL_FORMAT",
+    "CheckpointError",
+    "TrainingError",
+    "data_tensors",
+    "latest_checkpoint",
+    "sample",
+    "train_iql",
+]

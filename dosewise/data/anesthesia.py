@@ -64,8 +64,7 @@ class AnesthesiaDataConfig(BaseModel):
             unknown = [name for name in mapping if name not in names]
             if absent or unknown:
                 raise ValueError(
-                    f"{role} must map exactly {', '.join(names)} to file columns; "
-                    f"missing: {absent or 'none'}, unknown: {unknown or 'none'}"
+                    f"{role} must map exactly {', '.join(names)} to file columns; missing: {absent or 'none'}, unknown: {unknown or 'none'}"
                 )
         if not self.step_s > 0:
             raise ValueError(f"step_s must be positive, got {self.step_s}")
@@ -301,9 +300,7 @@ class _Grid:
     in_span: np.ndarray  # [G] bool, after every track has been recorded and before any vital stops
 
 
-def _resample(
-    case_codes: np.ndarray, times: np.ndarray, values: np.ndarray, n_cases: int, config: AnesthesiaDataConfig
-) -> _Grid:
+def _resample(case_codes: np.ndarray, times: np.ndarray, values: np.ndarray, n_cases: int, config: AnesthesiaDataConfig) -> _Grid:
     """Bin rows sorted by (case, time) into decision steps; returns the full grid of every case."""
     first_row = np.flatnonzero(np.r_[True, case_codes[1:] != case_codes[:-1]])
     case_t0 = times[first_row]
@@ -339,9 +336,7 @@ def _resample(
     return _Grid(case, grid_times, grid_values, observed, last_observed, next_observed, first_observed, in_span)
 
 
-def _drop_reasons(
-    grid: _Grid, covariates: np.ndarray, case_names: pd.Index, config: AnesthesiaDataConfig
-) -> dict[int, str]:
+def _drop_reasons(grid: _Grid, covariates: np.ndarray, case_names: pd.Index, config: AnesthesiaDataConfig) -> dict[int, str]:
     """Case code -> the first reason the case cannot be used."""
     reasons: dict[int, str] = {}
     n_steps = len(grid.case)
@@ -438,9 +433,7 @@ def _parse_numbers(raw: _RawTable, config: AnesthesiaDataConfig, cases: pd.Serie
     return numbers
 
 
-def _require_case_and_time(
-    raw: _RawTable, config: AnesthesiaDataConfig, cases: pd.Series, times: np.ndarray
-) -> None:
+def _require_case_and_time(raw: _RawTable, config: AnesthesiaDataConfig, cases: pd.Series, times: np.ndarray) -> None:
     for column_name, missing in ((config.case_id, cases.isna().to_numpy()), (config.time, np.isnan(times))):
         empty = np.flatnonzero(missing)
         if empty.size:
@@ -462,9 +455,7 @@ def _check_sex_codes(raw: _RawTable, config: AnesthesiaDataConfig, cases: np.nda
         )
 
 
-def _check_rate_bounds(
-    raw: _RawTable, config: AnesthesiaDataConfig, cases: np.ndarray, numbers: dict[str, np.ndarray]
-) -> None:
+def _check_rate_bounds(raw: _RawTable, config: AnesthesiaDataConfig, cases: np.ndarray, numbers: dict[str, np.ndarray]) -> None:
     outside = {name: np.flatnonzero((numbers[name] < 0) | (numbers[name] > RATE_MAX)) for name in RATES}
     total = sum(found.size for found in outside.values())
     if total:
@@ -490,9 +481,7 @@ def _check_unique_times(raw: _RawTable, config: AnesthesiaDataConfig, cases: np.
         )
 
 
-def _check_constant_covariates(
-    raw: _RawTable, config: AnesthesiaDataConfig, cases: np.ndarray, numbers: dict[str, np.ndarray]
-) -> None:
+def _check_constant_covariates(raw: _RawTable, config: AnesthesiaDataConfig, cases: np.ndarray, numbers: dict[str, np.ndarray]) -> None:
     conflicts = []  # (row index, covariate, row index of the case's first value)
     for name in COVARIATES:
         values = numbers[name]

@@ -48,9 +48,7 @@ class DataReport:
             "rows_valid": int(self.rows_valid),
             "patients": int(self.patients),
             "transitions": int(self.transitions),
-            "feature_ranges": {
-                name: {"min": float(low), "max": float(high)} for name, (low, high) in self.feature_ranges.items()
-            },
+            "feature_ranges": {name: {"min": float(low), "max": float(high)} for name, (low, high) in self.feature_ranges.items()},
             "action_range": {"min": float(self.action_range[0]), "max": float(self.action_range[1])},
             "reward_source": self.reward_source,
         }
@@ -233,9 +231,7 @@ def _patient_label(raw: _RawTable, config: DataConfig, index: int) -> str:
     return "patient id missing" if pd.isna(patient) else f"patient '{patient}'"
 
 
-def _parse_numbers(
-    raw: _RawTable, config: DataConfig, columns: list[str]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _parse_numbers(raw: _RawTable, config: DataConfig, columns: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Convert columns to float64 with their missing-cell masks; any other non-finite value is an error."""
     numbers: dict[str, np.ndarray] = {}
     missing: dict[str, np.ndarray] = {}
@@ -299,7 +295,4 @@ def _no_valid_rows_message(path: str, rows_total: int, dropped_by_column: dict[s
     if rows_total == 0:
         return f"{path}: no valid rows: the file has a header but no data rows"
     by_column = ", ".join(f"{name}: {count}" for name, count in dropped_by_column.items())
-    return (
-        f"{path}: no valid rows: all {rows_total} rows have a missing value in a used column "
-        f"(rows missing each column: {by_column})"
-    )
+    return f"{path}: no valid rows: all {rows_total} rows have a missing value in a used column (rows missing each column: {by_column})"

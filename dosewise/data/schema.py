@@ -44,9 +44,7 @@ class DataConfig(BaseModel):
     @model_validator(mode="after")
     def _check_consistent(self) -> DataConfig:
         if not self.action_low < self.action_high:
-            raise ValueError(
-                f"action_low ({self.action_low}) must be smaller than action_high ({self.action_high})"
-            )
+            raise ValueError(f"action_low ({self.action_low}) must be smaller than action_high ({self.action_high})")
         if not self.features:
             raise ValueError("features must name at least one column")
         columns = [self.patient_id, self.time, *self.features, self.action, self.reward]

@@ -164,9 +164,7 @@ def build_windows(
     lags = np.arange(-window_config.max_len + 1, 1)
     history_index = origin[:, None] + lags  # [W, max_len]
     history_mask = history_index >= case_start[origin][:, None]
-    history = np.where(
-        history_mask[..., None], observations[np.where(history_mask, history_index, 0)], np.float32(0)
-    )
+    history = np.where(history_mask[..., None], observations[np.where(history_mask, history_index, 0)], np.float32(0))
 
     action_index = origin[:, None] + np.arange(window_config.pre_len)  # [W, pre_len] steps t..t+pre_len-1
     future_mask = action_index + 1 < case_end[origin][:, None]
@@ -206,8 +204,10 @@ def _case_concentrations(frame: pd.DataFrame, starts: np.ndarray, ends: np.ndarr
     padded = np.where(within[..., None], rates[index], 0)  # [C, T, 2]
     first = frame.iloc[starts]
     covariates = Covariates.from_arrays(
-        first["age"].to_numpy(np.float64), first["height"].to_numpy(np.float64),
-        first["weight"].to_numpy(np.float64), first["sex"].to_numpy(np.float64),
+        first["age"].to_numpy(np.float64),
+        first["height"].to_numpy(np.float64),
+        first["weight"].to_numpy(np.float64),
+        first["sex"].to_numpy(np.float64),
     )
     conc = pump_concentrations(covariates, padded, step_s)[:, :-1]  # [C, T, 4] state before step s's rates
     out = np.zeros((len(frame), len(CONCENTRATION_FEATURES)))
@@ -291,9 +291,7 @@ def _round_clip(values: np.ndarray, high: int) -> np.ndarray:
 def _check_frame(frame: pd.DataFrame) -> None:
     absent = [name for name in CANONICAL_COLUMNS if name not in frame.columns]
     if absent:
-        raise ValueError(
-            f"build_windows needs a frame from load_cases; missing columns {absent}, found {list(frame.columns)}"
-        )
+        raise ValueError(f"build_windows needs a frame from load_cases; missing columns {absent}, found {list(frame.columns)}")
     numeric = frame[[*VITALS, *RATES, *COVARIATES, TIME]]
     if numeric.isna().to_numpy().any():
         columns = [name for name in numeric.columns if numeric[name].isna().any()]
@@ -304,7 +302,7 @@ def _check_frame(frame: pd.DataFrame) -> None:
     ordered = frame.sort_values([CASE_ID, TIME], kind="stable")
     same_case = ordered[CASE_ID].to_numpy()[1:] == ordered[CASE_ID].to_numpy()[:-1]
     gaps = np.diff(ordered[TIME].to_numpy(np.float64))[same_case]
-    if gaps.size and not np.allclose(gaps, gaps[0], rtol=1e-9, atol=1e-9) or (gaps <= 0).any():
+    if (gaps.size and not np.allclose(gaps, gaps[0], rtol=1e-9, atol=1e-9)) or (gaps <= 0).any():
         raise ValueError(
             "build_windows: consecutive steps of a case must be one decision step apart "
             f"(found time steps from {gaps.min():g} to {gaps.max():g} s); load the file with load_cases"

@@ -50,6 +50,7 @@ N_BOOTSTRAP = 1000  # course resamples for the PDWIS / WDR / ESS intervals
 # How estimates are listed for a reader (evaluate output, report): key in the result -> label.
 OPE_ROWS = (("fqe", "FQE"), ("wis", "per-decision WIS"), ("wdr", "weighted doubly robust"), ("true_value", "true value (simulator)"))
 
+
 @dataclass(frozen=True)
 class OPEConfig:
     # -- FQE ---------------------------------------------------------------------------------

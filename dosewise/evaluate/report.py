@@ -45,7 +45,9 @@ def training_curves(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         raise CheckpointError(f"{run_dir}: no tb/ folder with training curves; was this folder written by `dosewise train iql`?")
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: (np.array([e.step for e in acc.Scalars(tag)]), np.array([e.value for e in acc.Scalars(tag)])) for tag in acc.Tags()["scalars"]}
+    return {
+        tag: (np.array([e.step for e in acc.Scalars(tag)]), np.array([e.value for e in acc.Scalars(tag)])) for tag in acc.Tags()["scalars"]
+    }
 
 
 def _save(fig, out_dir: Path, name: str) -> Path:
@@ -64,7 +66,11 @@ def plot_training(curves: dict, out_dir: Path) -> Figure:
         ax.set_title(tag)
         ax.set_xlabel("gradient step")
     _save(fig, out_dir, "training_curves")
-    return Figure("training_curves", "Training curves", "Q and V losses should fall and flatten; a Q loss that climbs means divergence (lower the learning rate).")
+    return Figure(
+        "training_curves",
+        "Training curves",
+        "Q and V losses should fall and flatten; a Q loss that climbs means divergence (lower the learning rate).",
+    )
 
 
 def plot_q_v(model: TrainedIQL, data: Transitions, out_dir: Path) -> Figure:
@@ -76,7 +82,11 @@ def plot_q_v(model: TrainedIQL, data: Transitions, out_dir: Path) -> Figure:
     ax.set_xlabel("value (discounted reward)")
     ax.legend()
     _save(fig, out_dir, "q_v_distributions")
-    return Figure("q_v_distributions", "Q and V over the training data", "V is an upper expectile of Q over the clinicians' actions: it should sit slightly right of Q.")
+    return Figure(
+        "q_v_distributions",
+        "Q and V over the training data",
+        "V is an upper expectile of Q over the clinicians' actions: it should sit slightly right of Q.",
+    )
 
 
 def plot_q_curves(model: TrainedIQL, data: Transitions, out_dir: Path) -> Figure:
@@ -92,7 +102,11 @@ def plot_q_curves(model: TrainedIQL, data: Transitions, out_dir: Path) -> Figure
     ax.set_ylabel("Q(s, a)")
     ax.legend(fontsize=7, ncol=2)
     _save(fig, out_dir, "q_curves")
-    return Figure("q_curves", f"Q-curves of {len(starts)} patients at their first decision", "Each line is Q(s, a) over a in [-1, 1]; the dotted line is the policy's recommendation. Peaks at the edges lie where clinicians rarely acted.")
+    return Figure(
+        "q_curves",
+        f"Q-curves of {len(starts)} patients at their first decision",
+        "Each line is Q(s, a) over a in [-1, 1]; the dotted line is the policy's recommendation. Peaks at the edges lie where clinicians rarely acted.",
+    )
 
 
 def plot_sensitivity(model: TrainedIQL, data: Transitions, out_dir: Path) -> Figure:
@@ -108,10 +122,14 @@ def plot_sensitivity(model: TrainedIQL, data: Transitions, out_dir: Path) -> Fig
         ax.axhline(0.0, color="grey", lw=0.6)
         ax.set_ylim(-1.05, 1.05)
         ax.set_title(name, fontsize=9)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     _save(fig, out_dir, "sensitivity")
-    return Figure("sensitivity", "Sensitivity of the recommended dose change to each feature", "Each panel varies one feature over its training range with the others at their median; vancomycin level should push the dose down as it rises.")
+    return Figure(
+        "sensitivity",
+        "Sensitivity of the recommended dose change to each feature",
+        "Each panel varies one feature over its training range with the others at their median; vancomycin level should push the dose down as it rises.",
+    )
 
 
 def plot_policy_vs_clinician(model: TrainedIQL, data: Transitions, out_dir: Path) -> Figure:
@@ -128,7 +146,11 @@ def plot_policy_vs_clinician(model: TrainedIQL, data: Transitions, out_dir: Path
     right.set_xlabel("action")
     right.legend()
     _save(fig, out_dir, "policy_vs_clinician")
-    return Figure("policy_vs_clinician", "Policy vs clinician on the training states", "Points on the diagonal agree; the policy's actions are smoother and smaller than the clinicians' in most states.")
+    return Figure(
+        "policy_vs_clinician",
+        "Policy vs clinician on the training states",
+        "Points on the diagonal agree; the policy's actions are smoother and smaller than the clinicians' in most states.",
+    )
 
 
 def plot_trajectories(model: TrainedIQL, out_dir: Path, seed: int) -> Figure:
@@ -136,7 +158,11 @@ def plot_trajectories(model: TrainedIQL, out_dir: Path, seed: int) -> Figure:
     clinician = VancomycinClinician(cohort, seed + 1)
     runs = {"policy": rollout(cohort, model.policy_action, seed + 2), "clinician": rollout(cohort, clinician, seed + 2)}
     fig, axes = plt.subplots(3, TRAJECTORY_PATIENTS, figsize=(13, 7), sharex="col")
-    rows = (("concentration", "level (mg/L)", (10, 20)), ("auc24", "AUC24 (mg*h/L)", (400, 600)), ("creatinine", "creatinine (mg/dL)", None))
+    rows = (
+        ("concentration", "level (mg/L)", (10, 20)),
+        ("auc24", "AUC24 (mg*h/L)", (400, 600)),
+        ("creatinine", "creatinine (mg/dL)", None),
+    )
     for i in range(TRAJECTORY_PATIENTS):
         hours = (np.arange(cohort.steps[i]) + 1) * DECISION_HOURS
         for r, (field, label, band) in enumerate(rows):
@@ -152,7 +178,11 @@ def plot_trajectories(model: TrainedIQL, out_dir: Path, seed: int) -> Figure:
         axes[0, i].set_title(f"held-out patient {i + 1}")
     axes[0, 0].legend(fontsize=8)
     _save(fig, out_dir, "trajectories")
-    return Figure("trajectories", "Courses of held-out simulated patients under both policies", "Same patients, same random draws: green bands are the targets (trough-era 10-20 mg/L, AUC24 400-600); a creatinine rise is an AKI.")
+    return Figure(
+        "trajectories",
+        "Courses of held-out simulated patients under both policies",
+        "Same patients, same random draws: green bands are the targets (trough-era 10-20 mg/L, AUC24 400-600); a creatinine rise is an AKI.",
+    )
 
 
 def _ope_section(result: dict | None) -> str:
@@ -177,8 +207,15 @@ def _outcome_section(result: dict | None) -> str:
         return "<p>No closed-loop evaluation found (run <code>dosewise evaluate</code> first).</p>"
     cl = result["closed_loop"]
     rows = ""
-    for key, label, scale in (("auc_in_target_frac", "AUC24 in 400-600 (% of days)", 100), ("aki_rate", "AKI (% of patients)", 100), ("mean_return", "return per patient", 1)):
-        cells = "".join(f"<td>{scale * cl[s][key]['mean']:.1f} [{scale * cl[s][key]['ci95'][0]:.1f}, {scale * cl[s][key]['ci95'][1]:.1f}]</td>" for s in ("learned", "clinician", "difference"))
+    for key, label, scale in (
+        ("auc_in_target_frac", "AUC24 in 400-600 (% of days)", 100),
+        ("aki_rate", "AKI (% of patients)", 100),
+        ("mean_return", "return per patient", 1),
+    ):
+        cells = "".join(
+            f"<td>{scale * cl[s][key]['mean']:.1f} [{scale * cl[s][key]['ci95'][0]:.1f}, {scale * cl[s][key]['ci95'][1]:.1f}]</td>"
+            for s in ("learned", "clinician", "difference")
+        )
         rows += f"<tr><td>{label}</td>{cells}</tr>"
     return (
         f"<p>{cl['patients']} held-out simulated patients (seed {cl['seed']}); mean [95 % CI].</p>"
@@ -227,7 +264,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}.
 config: lr {model.config.lr:g}, gamma {model.config.gamma:g}, hidden {list(model.config.hidden)}, beta {model.config.beta:g}, tau {model.config.tau:g}.</p>
 <h2>Closed-loop outcome</h2>{_outcome_section(result)}
 <h2>Off-policy evaluation</h2>{_ope_section(result)}
-{''.join(blocks)}
+{"".join(blocks)}
 </body></html>"""
     page_path = out_dir / "index.html"
     page_path.write_text(page)

@@ -72,7 +72,9 @@ def compare(learned: PatientOutcomes, reference: PatientOutcomes, indices: np.nd
     identity = np.arange(learned.aki.shape[0])[None, :]
     mine, theirs = _metrics(learned), _metrics(reference)
     return {
-        name: bootstrap_ci(lambda idx, f=mine[name], g=theirs[name]: f(idx) - g(idx), indices, (mine[name](identity) - theirs[name](identity))[0])
+        name: bootstrap_ci(
+            lambda idx, f=mine[name], g=theirs[name]: f(idx) - g(idx), indices, (mine[name](identity) - theirs[name](identity))[0]
+        )
         for name in mine
     }
 

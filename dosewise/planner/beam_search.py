@@ -51,8 +51,7 @@ def dose_mask(
     for j in range(N_DRUGS):
         if not 0 <= min_rate[j] <= max_rate[j] <= RATE_LEVELS - 1:
             raise ValueError(
-                f"dose limits of drug {j} must satisfy 0 <= min <= max <= {RATE_LEVELS - 1}, "
-                f"got min {min_rate[j]}, max {max_rate[j]}"
+                f"dose limits of drug {j} must satisfy 0 <= min <= max <= {RATE_LEVELS - 1}, got min {min_rate[j]}, max {max_rate[j]}"
             )
     levels = torch.arange(RATE_LEVELS)
     low, high = torch.tensor(min_rate)[:, None], torch.tensor(max_rate)[:, None]

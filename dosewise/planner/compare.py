@@ -149,7 +149,9 @@ def comparison_markdown(rows: list[dict[str, Any]], wall_s: float, jobs: int) ->
     )
     lines = []
     for r in rows:
-        alarms = f"{r['rebound_alarms']}" + (f" ({', '.join(m.removeprefix('val_') for m in r['alarm_metrics'])})" if r["alarm_metrics"] else "")
+        alarms = f"{r['rebound_alarms']}" + (
+            f" ({', '.join(m.removeprefix('val_') for m in r['alarm_metrics'])})" if r["alarm_metrics"] else ""
+        )
         lines.append(
             f"| {r['strategy']} | {r['final_val_bis_mae']:.2f} ({r['best_val_bis_mae']:.2f} @{r['best_epoch_val_bis_mae']}) "
             f"| {r['final_val_map_mae']:.2f} ({r['best_val_map_mae']:.2f} @{r['best_epoch_val_map_mae']}) "

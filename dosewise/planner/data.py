@@ -88,9 +88,7 @@ class RepeatedPasses(Sampler[list[int]]):
             yield from epoch
 
 
-def batch_loader(
-    tensors: Batch, batch_size: int, shuffle: bool, seed: int = 0, passes: int = 1, per_epoch: int = 0
-) -> DataLoader:
+def batch_loader(tensors: Batch, batch_size: int, shuffle: bool, seed: int = 0, passes: int = 1, per_epoch: int = 0) -> DataLoader:
     """Minibatches of `batch_size` windows (the last one smaller), shuffled with `seed` per epoch;
     with per_epoch > 0 (and shuffle) each epoch draws that many windows afresh, without
     replacement; with passes > 1 each epoch serves its minibatches that many times over."""

@@ -283,9 +283,7 @@ def considered_visit_table(num_sampled: int, num_simulations: int, device=None) 
     return torch.tensor(rows, dtype=torch.long, device=device)  # (compared with float visit counts: exact)
 
 
-def sample_distinct_children(
-    prior_logits: Tensor, invalid: Tensor, gumbel: Tensor, config: MCTSConfig
-) -> tuple[Tensor, Tensor, Tensor]:
+def sample_distinct_children(prior_logits: Tensor, invalid: Tensor, gumbel: Tensor, config: MCTSConfig) -> tuple[Tensor, Tensor, Tensor]:
     """Sample the root's k distinct joint actions per row (module docstring).
 
     prior_logits [B, 2, A], invalid [B, 2, A] bool, gumbel [B, m²]. Both selections are
@@ -300,10 +298,13 @@ def sample_distinct_children(
     candidates = (joint + config.gumbel_scale * gumbel).topk(k, dim=-1).indices  # [B, k]
     first, second = _candidate_pairs(m, candidates.device)  # candidate c = i · m + j -> i, j
     rows = candidates.shape[0]
-    actions = torch.stack([
-        top_level[:, 0].gather(1, first.expand(rows, -1).gather(1, candidates)),
-        top_level[:, 1].gather(1, second.expand(rows, -1).gather(1, candidates)),
-    ], dim=-1)
+    actions = torch.stack(
+        [
+            top_level[:, 0].gather(1, first.expand(rows, -1).gather(1, candidates)),
+            top_level[:, 1].gather(1, second.expand(rows, -1).gather(1, candidates)),
+        ],
+        dim=-1,
+    )
     return actions, joint.gather(1, candidates), candidates
 
 
@@ -475,8 +476,9 @@ def _init_tree(root: RootOutput, config: MCTSConfig) -> Tree:
     return tree
 
 
-def _write_children(tree: Tree, node: int, actions: Tensor, logits: Tensor, priors: Tensor | None = None,
-                    keep: Tensor | None = None) -> None:
+def _write_children(
+    tree: Tree, node: int, actions: Tensor, logits: Tensor, priors: Tensor | None = None, keep: Tensor | None = None
+) -> None:
     """Store the sampled children (actions [B, k, 2], logits [B, k], priors [B, k]; None: the
     softmax of the logits) of node `node` of every tree; rows where `keep` [B] is False get no
     valid child."""
@@ -547,8 +549,17 @@ def _model_inputs(tree: Tree, selection: _Selection) -> tuple[Tensor, Tensor, Te
     return state, action.squeeze(1), edge, depth
 
 
-def _store(tree: Tree, selection: _Selection, new: int, out: RecurrentOutput, edge: Tensor, depth: Tensor,
-           mask: LevelMask, uniform: Tensor, config: MCTSConfig) -> None:
+def _store(
+    tree: Tree,
+    selection: _Selection,
+    new: int,
+    out: RecurrentOutput,
+    edge: Tensor,
+    depth: Tensor,
+    mask: LevelMask,
+    uniform: Tensor,
+    config: MCTSConfig,
+) -> None:
     """Store the model's output for the selected children as node `new` and sample its children
     (uniform [B, 2, k]); rows that did not expand leave node `new` unused."""
     b, n_nodes, k = tree.children_index.shape
@@ -629,11 +640,12 @@ def search(
         invalid_actions = torch.zeros(b, N_DRUGS, levels, dtype=torch.bool, device=device)
     if noise is None:
         noise = draw_noise(b, config, generator, root.value.dtype, device)
-    for name, expected in (("gumbel", (b, config.candidate_levels**2)),
-                           ("uniform", (b, config.num_simulations, N_DRUGS, config.num_sampled_actions))):
+    for name, expected in (
+        ("gumbel", (b, config.candidate_levels**2)),
+        ("uniform", (b, config.num_simulations, N_DRUGS, config.num_sampled_actions)),
+    ):
         if tuple(getattr(noise, name).shape) != expected:
-            raise ValueError(f"noise.{name} must be {list(expected)} (draw_noise with this config), "
-                             f"got {list(getattr(noise, name).shape)}")
+            raise ValueError(f"noise.{name} must be {list(expected)} (draw_noise with this config), got {list(getattr(noise, name).shape)}")
     gumbel, uniform = noise.gumbel.to(root.value.dtype), noise.uniform.to(root.value.dtype)
 
     mask = level_mask(invalid_actions, root.value.dtype)
@@ -653,8 +665,16 @@ def search(
     return _result(tree, config, root_gumbel)
 
 
-def _simulate(tree: Tree, new: int, recurrent_fn: RecurrentFn, mask: LevelMask, uniform: Tensor,
-              root_gumbel: Tensor | None, considered_visit: Tensor | None, config: MCTSConfig) -> None:
+def _simulate(
+    tree: Tree,
+    new: int,
+    recurrent_fn: RecurrentFn,
+    mask: LevelMask,
+    uniform: Tensor,
+    root_gumbel: Tensor | None,
+    considered_visit: Tensor | None,
+    config: MCTSConfig,
+) -> None:
     """One simulation in every tree: choose the root's child (pUCT, or under Gumbel MuZero the
     best child with `considered_visit` [B] visits), descend, evaluate the selected children with
     ONE call of recurrent_fn on all trees, store them as node `new` (the simulation's number + 1;

@@ -94,8 +94,7 @@ def sample_iid_children(prior_logits: Tensor, invalid: Tensor, uniform: Tensor) 
 class ReferenceSearch:
     """One tree; `run()` returns a SearchResult of batch size one."""
 
-    def __init__(self, root: RootOutput, recurrent_fn: RecurrentFn, config: MCTSConfig, invalid: Tensor,
-                 noise: SearchNoise) -> None:
+    def __init__(self, root: RootOutput, recurrent_fn: RecurrentFn, config: MCTSConfig, invalid: Tensor, noise: SearchNoise) -> None:
         self.recurrent_fn, self.config, self.invalid = recurrent_fn, config, invalid
         gumbel = noise.gumbel[0].to(root.value.dtype)  # [m²]
         self.uniform = noise.uniform[0].to(root.value.dtype)  # [num_simulations, 2, k]
@@ -147,8 +146,7 @@ class ReferenceSearch:
         low = min(q for q, ok in zip(completed, valid, strict=True) if ok)
         high = max(q for q, ok in zip(completed, valid, strict=True) if ok)
         sigma = [(c.c_visit + max(visits)) * c.c_scale * ((q - low) / max(high - low, EPSILON)) for q in completed]
-        score = [g + x + s if ok else -math.inf
-                 for g, x, s, ok in zip(self.root_gumbel, root.logits, sigma, valid, strict=True)]
+        score = [g + x + s if ok else -math.inf for g, x, s, ok in zip(self.root_gumbel, root.logits, sigma, valid, strict=True)]
         return visits, completed, sigma, score
 
     def gumbel_root_child(self, considered_visit: int) -> int:
@@ -170,8 +168,7 @@ class ReferenceSearch:
                 i = self.puct_child(node)
             if node.children[i] is None:  # expand: the node simulation `sim` creates is node sim + 1
                 out = self.recurrent_fn(node.state, torch.tensor([node.actions[i]], device=node.state.device))
-                child = Node(depth=node.depth + 1, state=out.state, reward=float(out.reward[0]),
-                             raw_value=float(out.value[0]))
+                child = Node(depth=node.depth + 1, state=out.state, reward=float(out.reward[0]), raw_value=float(out.value[0]))
                 self.set_children(child, sample_iid_children(out.prior_logits[0], self.invalid, self.uniform[sim]))
                 node.children[i] = child
                 path.append(child)
@@ -216,8 +213,9 @@ class ReferenceSearch:
 
 
 @torch.no_grad()
-def reference_search(root: RootOutput, recurrent_fn: RecurrentFn, config: MCTSConfig, invalid_actions: Tensor | None,
-                     noise: SearchNoise) -> SearchResult:
+def reference_search(
+    root: RootOutput, recurrent_fn: RecurrentFn, config: MCTSConfig, invalid_actions: Tensor | None, noise: SearchNoise
+) -> SearchResult:
     """The search on ONE sample: root and noise of batch size one, invalid_actions [1, 2, A]
     bool or None; recurrent_fn is called with batch size one."""
     if invalid_actions is None:
@@ -226,8 +224,13 @@ def reference_search(root: RootOutput, recurrent_fn: RecurrentFn, config: MCTSCo
     return ReferenceSearch(root, recurrent_fn, config, invalid, noise).run()
 
 
-def reference_search_rows(fns_for_row: Callable[[int], tuple[RootOutput, RecurrentFn]], batch_size: int,
-                          config: MCTSConfig, invalid_actions: Tensor | None, noise: SearchNoise) -> SearchResult:
+def reference_search_rows(
+    fns_for_row: Callable[[int], tuple[RootOutput, RecurrentFn]],
+    batch_size: int,
+    config: MCTSConfig,
+    invalid_actions: Tensor | None,
+    noise: SearchNoise,
+) -> SearchResult:
     """The reference on every row b < batch_size, one after the other: fns_for_row(b) gives the
     row's root output and recurrent_fn (batch size one); results are stacked along the batch."""
     results = []
@@ -235,6 +238,9 @@ def reference_search_rows(fns_for_row: Callable[[int], tuple[RootOutput, Recurre
         root, recurrent_fn = fns_for_row(b)
         invalid = None if invalid_actions is None else invalid_actions[b : b + 1]
         results.append(reference_search(root, recurrent_fn, config, invalid, noise.row(b)))
-    return SearchResult(**{name: torch.cat([getattr(r, name) for r in results])
-                           for name in ("action", "chosen", "children_actions", "valid", "visit_counts",
-                                        "q_values", "root_value", "policy")})
+    return SearchResult(
+        **{
+            name: torch.cat([getattr(r, name) for r in results])
+            for name in ("action", "chosen", "children_actions", "valid", "visit_counts", "q_values", "root_value", "policy")
+        }
+    )

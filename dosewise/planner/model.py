@@ -106,9 +106,7 @@ def causal_mask(n: int, device: torch.device | None = None) -> Tensor:
 class PlannerModel(nn.Module):
     """Representation, dynamics and prediction networks of the planner (module docstring)."""
 
-    def __init__(
-        self, config: PlannerModelConfig, max_len: int, pre_len: int, n_static: int = 5, concentrations: bool = False
-    ) -> None:
+    def __init__(self, config: PlannerModelConfig, max_len: int, pre_len: int, n_static: int = 5, concentrations: bool = False) -> None:
         super().__init__()
         self.config, self.max_len, self.pre_len, self.n_static = config, max_len, pre_len, n_static
         # The history carries the pump's plasma and effect-site concentrations (WindowConfig.concentrations).
@@ -258,9 +256,7 @@ class PlannerModel(nn.Module):
         k = actions.shape[1]
         root = self.root_in(memory[:, -1]).unsqueeze(1)  # [B, 1, d]
         tokens = root + self.step.weight[:k] + self.rate_tokens(actions)
-        return self.dynamics(
-            tokens, memory, tgt_mask=causal_mask(k, tokens.device), memory_key_padding_mask=memory_padding
-        )
+        return self.dynamics(tokens, memory, tgt_mask=causal_mask(k, tokens.device), memory_key_padding_mask=memory_padding)
 
     def unroll_candidates(self, memory: Tensor, memory_padding: Tensor, actions: Tensor) -> Tensor:
         """Latent states of C candidate action sequences per row, sharing the row's history:

@@ -56,9 +56,9 @@ def history_window(
     previous[:, 1:] = history.rates[:, :t]
     option = np.broadcast_to((np.arange(t + 1) * step_s < induction_s)[None, :, None], (n, t + 1, 1))
     cov = history.cohort.covariates
-    static = np.stack(
-        [np.round(cov.age), cov.sex, np.round(cov.height, 1), np.round(cov.weight, 1), history.cohort.asa], axis=1
-    ).astype(np.float32)
+    static = np.stack([np.round(cov.age), cov.sex, np.round(cov.height, 1), np.round(cov.weight, 1), history.cohort.asa], axis=1).astype(
+        np.float32
+    )
     parts = [np.round(history.vitals, 1), previous, option]
     if concentrations:  # from the charted (rounded) covariates, as build_windows computes them
         charted = Covariates.from_arrays(static[:, 0], static[:, 2], static[:, 3], static[:, 1])
@@ -108,9 +108,7 @@ class PlannerPolicy:
 
     @torch.no_grad()
     def __call__(self, history: CaseHistory) -> tuple[np.ndarray, np.ndarray]:
-        window, mask, static = history_window(
-            history, self.model.max_len, self.induction_s, self.step_s, self.model.concentrations
-        )
+        window, mask, static = history_window(history, self.model.max_len, self.induction_s, self.step_s, self.model.concentrations)
         inputs = torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static)
         allowed = dose_mask(window.shape[0], self.max_rate, self.min_rate)
         if self.mode == "argmax":
@@ -161,10 +159,7 @@ def planning_modes(run: PlannerRunConfig) -> dict[str, Callable[[PlannerModel], 
         "mcts": {"mcts": MCTSConfig(gamma=gamma, max_depth=run.windows.pre_len)},
         "mpc": {"mpc": loop.mpc.model_copy(update={"horizon": min(loop.mpc.horizon, run.windows.pre_len)})},
     }
-    return {
-        f"planner_{mode}": (lambda model, mode=mode: PlannerPolicy(model, mode, **settings[mode], **common))
-        for mode in loop.modes
-    }
+    return {f"planner_{mode}": (lambda model, mode=mode: PlannerPolicy(model, mode, **settings[mode], **common)) for mode in loop.modes}
 
 
 def closed_loop_comparison(

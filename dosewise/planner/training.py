@@ -165,8 +165,7 @@ def search_targets(
         # Q = r + γ·V(s_1) of both actions: one more recurrent call each, from the root, with the
         # history's keys and values the search has projected already.
         q_mcts, q_expert = (
-            one_step_q(recurrent, root.state, chosen, gamma) / model.return_std
-            for chosen in (action, batch["actions"][:, 0])
+            one_step_q(recurrent, root.state, chosen, gamma) / model.return_std for chosen in (action, batch["actions"][:, 0])
         )
     action, q_mcts, q_expert = action.clone(), q_mcts.clone(), q_expert.clone()
     margin = float(search.resolved("margin")) if margin is None else margin
@@ -389,7 +388,9 @@ class PlannerModule(pl.LightningModule):
             return optimisers if len(optimisers) > 1 else optimisers[0]
         # Cosine decay over the run, stepped once per epoch (by Lightning, or by hand under manual optimisation).
         epochs = self.run.train.epochs
-        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs, eta_min=optim.lr * optim.final_lr_factor) for o in optimisers]
+        schedulers = [
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs, eta_min=optim.lr * optim.final_lr_factor) for o in optimisers
+        ]
         return optimisers, [{"scheduler": s, "interval": "epoch"} for s in schedulers]
 
     def training_step(self, batch: Batch, batch_idx: int):
@@ -439,7 +440,13 @@ class PlannerModule(pl.LightningModule):
         """MCTS targets for the batch from the forward pass's encoded history (weights kept for
         the epoch's activation rate)."""
         targets = search_targets(
-            self.model, batch, self.search, self.run.windows.gamma, self.search_generator, out.memory, out.memory_padding,
+            self.model,
+            batch,
+            self.search,
+            self.run.windows.gamma,
+            self.search_generator,
+            out.memory,
+            out.memory_padding,
             margin=self.margin,
         )
         self._weights.append(targets.weight)
@@ -480,7 +487,10 @@ class PlannerModule(pl.LightningModule):
             self.search_alarms.append(alarm)
             log.warning(
                 "MCTS activation alarm: %.1f %% of windows took the search's action at epoch %d (healthy %.0f-%.0f %%)",
-                100 * rate, self.current_epoch, 100 * low, 100 * high,
+                100 * rate,
+                self.current_epoch,
+                100 * low,
+                100 * high,
             )
 
     def _clip(self, optimizer) -> None:
@@ -521,8 +531,13 @@ class PlannerModule(pl.LightningModule):
         for alarm in raised:
             log.warning(
                 "rebound alarm: %s = %.4g at epoch %d, worse than its best %.4g (epoch %d) by more than %.0f %% for %d epochs",
-                alarm["metric"], alarm["value"], alarm["epoch"], alarm["best"], alarm["best_epoch"],
-                100 * self.run.monitor.margin, self.run.monitor.patience,
+                alarm["metric"],
+                alarm["value"],
+                alarm["epoch"],
+                alarm["best"],
+                alarm["best_epoch"],
+                100 * self.run.monitor.margin,
+                self.run.monitor.patience,
             )
         self.log("alarm/rebounds", float(len(self.monitor.alarms)))
         self.history.append({"epoch": self.current_epoch, **metrics})
@@ -589,7 +604,11 @@ def train_planner(
         module.calibration = {name: tensor[rows] for name, tensor in train_tensors.items()}
     passes = 2 if run.strategy.name == "alternating" else 1
     train_loader = batch_loader(
-        train_tensors, run.train.batch_size, shuffle=True, seed=run.train.seed, passes=passes,
+        train_tensors,
+        run.train.batch_size,
+        shuffle=True,
+        seed=run.train.seed,
+        passes=passes,
         per_epoch=run.train.windows_per_epoch,
     )
     module.batches_per_pass = len(train_loader) // passes
@@ -600,8 +619,12 @@ def train_planner(
         logger=[TensorBoardLogger(out, name="tb", version=""), CSVLogger(out, name="csv", version="")],
         callbacks=[
             ModelCheckpoint(
-                dirpath=out / "checkpoints", filename="best-{epoch}", monitor="val_bis_mae", mode="min",
-                save_top_k=1, save_last=True,
+                dirpath=out / "checkpoints",
+                filename="best-{epoch}",
+                monitor="val_bis_mae",
+                mode="min",
+                save_top_k=1,
+                save_last=True,
             )
         ],
         deterministic=True,

@@ -153,9 +153,14 @@ def sample_cases(n: int, rng: np.random.Generator, spec: CaseSpec = CaseSpec()) 
     ends_after_case = starts + lengths > duration[:, None] - 600  # nothing stimulates during closure
     return CaseCohort(
         covariates=Covariates.from_arrays(age, height, weight, sex),
-        asa=asa, duration_s=duration, map_base=map_base, hr_base=hr_base,
-        event_start_s=starts, event_length_s=lengths,
-        event_bis=np.where(ends_after_case, 0.0, event_bis), event_map=np.where(ends_after_case, 0.0, event_map),
+        asa=asa,
+        duration_s=duration,
+        map_base=map_base,
+        hr_base=hr_base,
+        event_start_s=starts,
+        event_length_s=lengths,
+        event_bis=np.where(ends_after_case, 0.0, event_bis),
+        event_map=np.where(ends_after_case, 0.0, event_map),
     )
 
 
@@ -245,8 +250,14 @@ class CaseRun:
     ) -> None:
         rng = np.random.default_rng(seed)
         self.sim = AnesthesiaSimulator(
-            cohort.covariates, 1.0, propofol_model, remifentanil_model,
-            variability=True, noise=True, rng=rng, hemo=case_hemodynamics(cohort),
+            cohort.covariates,
+            1.0,
+            propofol_model,
+            remifentanil_model,
+            variability=True,
+            noise=True,
+            rng=rng,
+            hemo=case_hemodynamics(cohort),
         )
         if spec.pd_sensitivity != 1.0:
             p = self.sim.bis_params
@@ -270,9 +281,7 @@ class CaseRun:
 
     def history(self) -> CaseHistory:
         k = self.k
-        return CaseHistory(
-            t=k, vitals=self.vitals[: k + 1].transpose(1, 0, 2), rates=self.rates[:k].transpose(1, 0, 2), cohort=self.cohort
-        )
+        return CaseHistory(t=k, vitals=self.vitals[: k + 1].transpose(1, 0, 2), rates=self.rates[:k].transpose(1, 0, 2), cohort=self.cohort)
 
     def advance(self, ppf: np.ndarray, rftn: np.ndarray) -> None:
         """Hold the rates (mL/h, rounded and clipped to the pump's 0..200) for one decision step."""
@@ -303,8 +312,12 @@ class CaseRun:
 
     def trajectories(self) -> CaseTrajectories:
         return CaseTrajectories(
-            vitals=self.vitals, rates=self.rates, bis_true=self.bis_true, map_true=self.map_true,
-            steps=self.steps, step_s=self.spec.step_s,
+            vitals=self.vitals,
+            rates=self.rates,
+            bis_true=self.bis_true,
+            map_true=self.map_true,
+            steps=self.steps,
+            step_s=self.spec.step_s,
         )
 
 

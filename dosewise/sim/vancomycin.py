@@ -264,9 +264,22 @@ def sample_cohort(n: int, rng: np.random.Generator, config: VancomycinConfig = V
     loading = np.where(serious, np.minimum(round_250(25.0 * weight), 3000.0), dose)
     steps = rng.integers(spec.steps[0], spec.steps[1] + 1, n)
     return Cohort(
-        age=age, sex=sex, weight=weight, creatinine_base=creatinine, dialysis=dialysis, serious=serious,
-        eta_cl=eta_cl, eta_vc=eta_vc, eta_vp=eta_vp, severity0=severity0, sbp_base=sbp_base,
-        hr_base=hr_base, interval_h=interval, dose_mg=dose, loading_mg=loading, steps=steps,
+        age=age,
+        sex=sex,
+        weight=weight,
+        creatinine_base=creatinine,
+        dialysis=dialysis,
+        serious=serious,
+        eta_cl=eta_cl,
+        eta_vc=eta_vc,
+        eta_vp=eta_vp,
+        severity0=severity0,
+        sbp_base=sbp_base,
+        hr_base=hr_base,
+        interval_h=interval,
+        dose_mg=dose,
+        loading_mg=loading,
+        steps=steps,
     )
 
 
@@ -385,8 +398,13 @@ class VancomycinSimulator:
         reward = step_reward(auc24, new_aki, cfg.reward)
         self.t += 1
         info = StepInfo(
-            reward=reward, auc24=auc24, concentration=self.concentration, trough=self.trough.copy(),
-            creatinine=self.creatinine.copy(), severity=self.severity.copy(), new_aki=new_aki,
+            reward=reward,
+            auc24=auc24,
+            concentration=self.concentration,
+            trough=self.trough.copy(),
+            creatinine=self.creatinine.copy(),
+            severity=self.severity.copy(),
+            new_aki=new_aki,
             dose_mg=self.dose.copy(),
         )
         return self.observe(), info

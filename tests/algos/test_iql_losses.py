@@ -186,9 +186,7 @@ def test_update_returns_finite_scalar_metrics_and_is_deterministic_per_seed() ->
         metrics = [learner.update(_batch(seed=s)) for s in range(3)][-1]
         runs.append((metrics, learner.nets.state_dict()))
     (m1, s1), (m2, s2) = runs
-    assert set(m1) == {
-        "loss/q", "loss/v", "loss/pi", "values/q_mean", "values/v_mean", "values/advantage_mean", "values/awr_weight_mean"
-    }
+    assert set(m1) == {"loss/q", "loss/v", "loss/pi", "values/q_mean", "values/v_mean", "values/advantage_mean", "values/awr_weight_mean"}
     for key, value in m1.items():
         assert value.shape == () and torch.isfinite(value), key
         assert torch.equal(value, m2[key]), key

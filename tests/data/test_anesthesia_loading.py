@@ -57,7 +57,7 @@ def canonical_frame(steps: dict[str, int], step_s: float = 60.0) -> pd.DataFrame
             )
         )
     frame = pd.concat(parts, ignore_index=True)
-    return frame.astype({name: np.float64 for name in FLOAT_COLUMNS} | {name: np.int64 for name in RATES})
+    return frame.astype(dict.fromkeys(FLOAT_COLUMNS, np.float64) | dict.fromkeys(RATES, np.int64))
 
 
 def write_csv(path: Path, frame: pd.DataFrame) -> Path:
@@ -73,8 +73,8 @@ def text_rows(steps: dict[str, int]) -> pd.DataFrame:
 def assert_untouched(report, frame: pd.DataFrame, rows: int, cases: int) -> None:  # type: ignore[no-untyped-def]
     assert (report.rows_total, report.rows_after_resampling, len(frame)) == (rows, rows, rows)
     assert report.cases == cases and report.cases_dropped == {}
-    assert report.values_carried_forward == {name: 0 for name in TRACKS}
-    assert report.rates_rounded == {name: 0 for name in RATES}
+    assert report.values_carried_forward == dict.fromkeys(TRACKS, 0)
+    assert report.rates_rounded == dict.fromkeys(RATES, 0)
     assert (report.rows_reordered, report.steps_trimmed) == (0, 0)
 
 
@@ -146,9 +146,7 @@ def test_duplicate_case_time_names_both_lines(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "cases.csv", rows)
     with pytest.raises(DataError) as error:
         load_cases(path, CANONICAL)
-    assert str(error.value) == (
-        f"{path} lines 5 and 6 (case 'c2'): both have time 0.0; each (case, time) pair must appear only once"
-    )
+    assert str(error.value) == (f"{path} lines 5 and 6 (case 'c2'): both have time 0.0; each (case, time) pair must appear only once")
 
 
 @pytest.mark.parametrize(("column", "value"), [("PPF20_RATE", "201"), ("RFTN20_RATE", "-1"), ("PPF20_RATE", "200.4")])
@@ -158,9 +156,7 @@ def test_rate_out_of_range_names_line_case_column_and_value(tmp_path: Path, colu
     path = write_csv(tmp_path / "cases.csv", rows)
     with pytest.raises(DataError) as error:
         load_cases(path, CANONICAL)
-    assert str(error.value) == (
-        f"{path} line 5 (case 'c2'): column '{column}' has value '{value}' outside the rate levels 0..200 mL/h"
-    )
+    assert str(error.value) == (f"{path} line 5 (case 'c2'): column '{column}' has value '{value}' outside the rate levels 0..200 mL/h")
 
 
 def test_covariate_changing_within_a_case_is_an_error(tmp_path: Path) -> None:
@@ -170,8 +166,7 @@ def test_covariate_changing_within_a_case_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError) as error:
         load_cases(path, CANONICAL)
     assert str(error.value) == (
-        f"{path} lines 4 and 6 (case 'c2'): column 'age' has '41.0' and '42.0'; "
-        "covariates must be constant within a case"
+        f"{path} lines 4 and 6 (case 'c2'): column 'age' has '41.0' and '42.0'; covariates must be constant within a case"
     )
 
 
@@ -186,9 +181,7 @@ def test_sex_must_be_zero_one_or_m_f(tmp_path: Path) -> None:
         path = write_csv(tmp_path / "bad.csv", rows)
         with pytest.raises(DataError) as error:
             load_cases(path, CANONICAL)
-        assert str(error.value) == (
-            f"{path} line 3 (case 'c1'): column 'sex' has value '{value}'; expected 1 (male) or 0 (female), or M/F"
-        )
+        assert str(error.value) == (f"{path} line 3 (case 'c1'): column 'sex' has value '{value}'; expected 1 (male) or 0 (female), or M/F")
 
 
 def test_unsorted_rows_are_sorted_and_counted(tmp_path: Path) -> None:
@@ -238,8 +231,8 @@ def test_vitaldb_export_round_trips_to_the_canonical_frame(tmp_path: Path, suffi
 
     pd.testing.assert_frame_equal(frame, expected.sort_values(["case_id", "time"], ignore_index=True))
     assert (report.rows_total, report.rows_after_resampling, report.cases) == (360, 12, 3)
-    assert report.values_carried_forward == {name: 0 for name in TRACKS}
-    assert report.rates_rounded == {name: 0 for name in RATES}
+    assert report.values_carried_forward == dict.fromkeys(TRACKS, 0)
+    assert report.rates_rounded == dict.fromkeys(RATES, 0)
 
 
 def test_resampling_takes_the_last_value_of_each_step(tmp_path: Path) -> None:
@@ -260,7 +253,7 @@ def test_resampling_takes_the_last_value_of_each_step(tmp_path: Path) -> None:
     assert frame["MAP"].tolist() == [73.0, 75.0, 76.0]
     assert frame["PPF20_RATE"].tolist() == [4, 6, 7]
     assert (report.rows_total, report.rows_after_resampling) == (7, 3)
-    assert report.values_carried_forward == {name: 0 for name in TRACKS}
+    assert report.values_carried_forward == dict.fromkeys(TRACKS, 0)
 
 
 def with_missing_bis(steps: dict[str, int], missing: dict[str, list[int]]) -> pd.DataFrame:
@@ -316,7 +309,7 @@ def test_steps_before_every_track_and_after_a_vital_stops_are_trimmed(tmp_path: 
     loaded, report = load_cases(write_csv(tmp_path / "cases.csv", frame), CANONICAL)
     assert loaded["time"].tolist() == [180.0, 240.0, 300.0, 360.0]
     assert report.steps_trimmed == 4
-    assert report.values_carried_forward == {name: 0 for name in TRACKS}
+    assert report.values_carried_forward == dict.fromkeys(TRACKS, 0)
 
 
 def test_case_without_a_track_is_dropped_and_all_dropped_is_an_error(tmp_path: Path) -> None:

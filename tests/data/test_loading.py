@@ -95,8 +95,7 @@ def test_non_numeric_value_points_at_line_patient_and_column(tmp_path: Path, col
     with pytest.raises(DataError) as error:
         load_table(write_csv(tmp_path / "data.csv", rows), CONFIG)
     assert str(error.value) == (
-        f"{tmp_path / 'data.csv'} line 4 (patient 'P002'): column '{column}' has value 'abc'; "
-        "expected a finite number"
+        f"{tmp_path / 'data.csv'} line 4 (patient 'P002'): column '{column}' has value 'abc'; expected a finite number"
     )
 
 
@@ -149,12 +148,12 @@ def test_action_outside_bounds_names_value_and_bounds(tmp_path: Path) -> None:
 def test_declared_bounds_are_respected(tmp_path: Path) -> None:
     rows = three_rows()
     rows[1]["action"] = "250"
-    frame, report = load_table(write_csv(tmp_path / "data.csv", rows), DataConfig(action_low=0, action_high=500))
+    _frame, report = load_table(write_csv(tmp_path / "data.csv", rows), DataConfig(action_low=0, action_high=500))
     assert report.action_range == (0.0, 250.0)
 
 
 def test_duplicate_patient_time_names_both_lines(tmp_path: Path) -> None:
-    rows = three_rows() + [record(patient_id="P001", time="6.0")]
+    rows = [*three_rows(), record(patient_id="P001", time="6.0")]
     with pytest.raises(DataError) as error:
         load_table(write_csv(tmp_path / "data.csv", rows), CONFIG)
     message = str(error.value)
@@ -196,7 +195,7 @@ def test_numeric_looking_patient_ids_stay_strings(tmp_path: Path) -> None:
 
 
 def test_parquet_loads_like_csv(tmp_path: Path) -> None:
-    rows = three_rows() + [record(patient_id="P002", time=6, wbc="")]
+    rows = [*three_rows(), record(patient_id="P002", time=6, wbc="")]
     rows[0]["vanco_level"] = "12.25"
     csv_path = write_csv(tmp_path / "data.csv", rows)
     typed = pd.read_csv(csv_path, dtype={"patient_id": str})

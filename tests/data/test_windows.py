@@ -162,9 +162,7 @@ def test_no_window_mixes_two_cases() -> None:
 
 
 def test_matches_a_per_window_reference() -> None:
-    frame = pd.concat(
-        [case_frame("x", 12, 45.0, 5), case_frame("y", 3, 58.0, 50), case_frame("z", 1, 30.0, 7)], ignore_index=True
-    )
+    frame = pd.concat([case_frame("x", 12, 45.0, 5), case_frame("y", 3, 58.0, 50), case_frame("z", 1, 30.0, 7)], ignore_index=True)
     frame["MAP"] = 60.0 + np.arange(len(frame)) % 9  # around the hypotension threshold
     config = WindowConfig(max_len=5, pre_len=3, gamma=0.9)
     windows = build_windows(frame, config)
@@ -187,9 +185,7 @@ def test_returns_equal_a_hand_computed_discounted_sum() -> None:
     windows = build_windows(frame, WindowConfig(max_len=2, pre_len=2, gamma=0.5))
     # Rewards of reaching steps 1, 2, 3: (50, 80) -> 1, (30, 80) -> -0.5, (50, 60) -> 1 - 2 - 0.25.
     np.testing.assert_allclose(windows.rewards, [[1.0, -0.5], [-0.5, -1.25], [-1.25, 0.0]])
-    np.testing.assert_allclose(
-        windows.returns, [1.0 + 0.5 * -0.5 + 0.25 * -1.25, -0.5 + 0.5 * -1.25, -1.25]
-    )
+    np.testing.assert_allclose(windows.returns, [1.0 + 0.5 * -0.5 + 0.25 * -1.25, -0.5 + 0.5 * -1.25, -1.25])
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 0.97, 1.0])

@@ -49,9 +49,15 @@ def bandit(n: int, seed: int) -> Transitions:
     r = reward_mean(s, a) + 0.1 * rng.standard_normal(n)
     obs = s[:, None].astype(np.float32)
     return Transitions(
-        observations=obs, actions=a[:, None].astype(np.float32), rewards=r.astype(np.float32),
-        next_observations=obs.copy(), dones=np.ones(n, np.float32), patient_ids=np.array([f"P{i}" for i in range(n)], dtype=object),
-        times=np.zeros(n), episode_starts=np.ones(n, bool), feature_names=("s",),
+        observations=obs,
+        actions=a[:, None].astype(np.float32),
+        rewards=r.astype(np.float32),
+        next_observations=obs.copy(),
+        dones=np.ones(n, np.float32),
+        patient_ids=np.array([f"P{i}" for i in range(n)], dtype=object),
+        times=np.zeros(n),
+        episode_starts=np.ones(n, bool),
+        feature_names=("s",),
     )
 
 

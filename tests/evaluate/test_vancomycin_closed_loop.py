@@ -17,9 +17,16 @@ def _trajectories(daily_aucs, steps, rewards=None, aki=None):
     hourly = np.repeat(daily / 6.0, 6, axis=0)  # AUC per 4 h step
     zeros = np.zeros((t, n))
     return Trajectories(
-        observations=np.zeros((t, n, 7)), actions=zeros, rewards=zeros + 1.0 if rewards is None else rewards,
-        auc24=zeros, cumulative_auc=np.cumsum(hourly, axis=0), concentration=zeros, creatinine=zeros,
-        new_aki=np.zeros((t, n), bool) if aki is None else aki, dose_mg=zeros, steps=np.asarray(steps),
+        observations=np.zeros((t, n, 7)),
+        actions=zeros,
+        rewards=zeros + 1.0 if rewards is None else rewards,
+        auc24=zeros,
+        cumulative_auc=np.cumsum(hourly, axis=0),
+        concentration=zeros,
+        creatinine=zeros,
+        new_aki=np.zeros((t, n), bool) if aki is None else aki,
+        dose_mg=zeros,
+        steps=np.asarray(steps),
     )
 
 

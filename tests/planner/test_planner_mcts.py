@@ -160,8 +160,7 @@ def test_chain_where_the_greedy_step_is_wrong(root_selection, sims):
     only looking further ahead shows the good state's rewards; a depth-1 search takes the greedy
     step. Gumbel MuZero gets there with fewer simulations."""
     root, fn = chain(4, levels=7, good_value=0.6)
-    config = MCTSConfig(num_simulations=sims, num_sampled_actions=8, candidate_levels=7, max_depth=3,
-                        root_selection=root_selection)
+    config = MCTSConfig(num_simulations=sims, num_sampled_actions=8, candidate_levels=7, max_depth=3, root_selection=root_selection)
     result = search(root, fn, config, noise=noise(4, config, 1))
     assert (result.children_actions[..., 0] == GREEDY).any(-1).all()  # the greedy step was an option
     assert (result.action[:, 0] == GOOD).all()
@@ -236,13 +235,13 @@ def test_invalid_levels_are_never_chosen(root_selection):
 
     model = RandomModel(levels=13)
     mask = random_mask(5, 13, seed=4)
-    config = MCTSConfig(num_simulations=40, num_sampled_actions=8, candidate_levels=6, max_depth=3,
-                        root_selection=root_selection)
+    config = MCTSConfig(num_simulations=40, num_sampled_actions=8, candidate_levels=6, max_depth=3, root_selection=root_selection)
     result = search(model.root(5, 5), model, config, mask, noise=noise(5, config, 6))
     tree = result.tree
     valid = tree.children_logits > -math.inf  # [B, N, k]
-    levels_invalid = torch.stack([mask[:, d].gather(1, tree.children_actions[..., d].flatten(1)).view_as(valid)
-                                  for d in range(2)], dim=-1).any(-1)
+    levels_invalid = torch.stack(
+        [mask[:, d].gather(1, tree.children_actions[..., d].flatten(1)).view_as(valid) for d in range(2)], dim=-1
+    ).any(-1)
     assert not (valid & levels_invalid).any()
     assert not (tree.children_index != UNVISITED)[~valid].any()
     assert not mask[torch.arange(5).unsqueeze(1), torch.arange(2), result.action].any()
@@ -269,8 +268,7 @@ def test_search_needs_no_host_synchronisation(root_selection):
     for name in ("w", "embed", "w_policy", "w_reward", "w_value"):
         setattr(model, name, getattr(model, name).to("meta"))
     root = RootOutput(*(x.to("meta") for x in (root.prior_logits, root.value, root.state)))
-    config = MCTSConfig(num_simulations=10, num_sampled_actions=8, candidate_levels=6, max_depth=3,
-                        root_selection=root_selection)
+    config = MCTSConfig(num_simulations=10, num_sampled_actions=8, candidate_levels=6, max_depth=3, root_selection=root_selection)
     result = search(root, model, config, torch.zeros(4, 2, 13, dtype=torch.bool, device="meta"))
     assert result.action.is_meta and result.action.shape == (4, 2) and result.visit_counts.shape == (4, 8)
 
@@ -278,8 +276,7 @@ def test_search_needs_no_host_synchronisation(root_selection):
 @pytest.mark.parametrize("root_selection", ["puct", "gumbel"])
 def test_batch_rows_never_influence_each_other(root_selection):
     model = RandomModel(levels=13)
-    config = MCTSConfig(num_simulations=30, num_sampled_actions=8, candidate_levels=6, max_depth=3,
-                        root_selection=root_selection)
+    config = MCTSConfig(num_simulations=30, num_sampled_actions=8, candidate_levels=6, max_depth=3, root_selection=root_selection)
     root, mask, rand = model.root(5, 7), random_mask(5, 13, 8), noise(5, config, 9)
     before = search(root, model, config, mask, rand)
     changed_root = RootOutput(root.prior_logits.clone(), root.value.clone(), root.state.clone())
@@ -308,14 +305,19 @@ def test_same_seed_same_result():
 
 @pytest.mark.parametrize("unvisited_q", ["parent", "zero"])
 @pytest.mark.parametrize("root_selection", ["puct", "gumbel"])
-@pytest.mark.parametrize(
-    ("sims", "k", "m", "depth", "scale"), [(40, 8, 6, 3, 1.0), (25, 4, 3, 2, 0.5), (12, 6, 13, 5, 0.0)]
-)
+@pytest.mark.parametrize(("sims", "k", "m", "depth", "scale"), [(40, 8, 6, 3, 1.0), (25, 4, 3, 2, 0.5), (12, 6, 13, 5, 0.0)])
 def test_batched_equals_reference(root_selection, unvisited_q, sims, k, m, depth, scale):
     b, levels = 6, 13
     model = RandomModel(levels, seed=sims)
-    config = MCTSConfig(num_simulations=sims, num_sampled_actions=k, candidate_levels=m, max_depth=depth,
-                        root_selection=root_selection, gumbel_scale=scale, unvisited_q=unvisited_q)
+    config = MCTSConfig(
+        num_simulations=sims,
+        num_sampled_actions=k,
+        candidate_levels=m,
+        max_depth=depth,
+        root_selection=root_selection,
+        gumbel_scale=scale,
+        unvisited_q=unvisited_q,
+    )
     root, mask, rand = model.root(b, sims + 1), random_mask(b, levels, sims + 2), noise(b, config, sims + 3)
     batched = search(root, model, config, mask, rand)
     reference = reference_search_rows(lambda row: (root.row(row), model), b, config, mask, rand)
@@ -357,8 +359,7 @@ def test_planner_adapter_matches_direct_unroll_default_model_float32():
     torch.manual_seed(0)
     b, length, pre_len = 128, 64, 5
     model = PlannerModel(PlannerModelConfig(), max_len=length, pre_len=pre_len).eval()
-    history = torch.cat([torch.randn(b, length, 5), torch.randint(0, 80, (b, length, 2)).float(),
-                         torch.zeros(b, length, 1)], dim=-1)
+    history = torch.cat([torch.randn(b, length, 5), torch.randint(0, 80, (b, length, 2)).float(), torch.zeros(b, length, 1)], dim=-1)
     mask = torch.arange(length) >= torch.randint(0, length - 5, (b, 1))  # left padding
     static = torch.randn(b, 5)
     actions = torch.randint(0, RATE_LEVELS, (b, pre_len, 2))
@@ -366,19 +367,17 @@ def test_planner_adapter_matches_direct_unroll_default_model_float32():
     with torch.no_grad():
         tokens, padding = model.tokens(history, mask, static)
         memory = model.encoder(tokens, mask=causal_mask(tokens.shape[1]), src_key_padding_mask=padding)  # the module
-        torch.testing.assert_close(root.prior_logits, model.policy_head(memory[:, -1]).unflatten(-1, (2, RATE_LEVELS)),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            root.prior_logits, model.policy_head(memory[:, -1]).unflatten(-1, (2, RATE_LEVELS)), rtol=1e-4, atol=1e-4
+        )
         direct = model.unroll(memory, padding, actions)
     state = root.state
     for step in range(pre_len):
         out = recurrent_fn(state, actions[:, step])
         latent = direct[:, step]
-        torch.testing.assert_close(out.prior_logits, model.policy_head(latent).unflatten(-1, (2, RATE_LEVELS)),
-                                   rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(out.value, model.value_in_units(model.value_head(latent).squeeze(-1)),
-                                   rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(out.reward, model.reward_in_units(model.reward_head(latent).squeeze(-1)),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.prior_logits, model.policy_head(latent).unflatten(-1, (2, RATE_LEVELS)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.value, model.value_in_units(model.value_head(latent).squeeze(-1)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.reward, model.reward_in_units(model.reward_head(latent).squeeze(-1)), rtol=1e-4, atol=1e-4)
         state = out.state
 
 
@@ -388,15 +387,14 @@ def test_planner_search_equals_reference(tiny_windows, tiny_batch, root_selectio
     b = 4
     inputs = [tiny_batch[name][:b] for name in ("history", "history_mask", "static")]
     inputs = [x.double() if x.is_floating_point() else x for x in inputs]
-    config = MCTSConfig(num_simulations=30, num_sampled_actions=3, candidate_levels=4, max_depth=model.pre_len,
-                        root_selection=root_selection)
+    config = MCTSConfig(
+        num_simulations=30, num_sampled_actions=3, candidate_levels=4, max_depth=model.pre_len, root_selection=root_selection
+    )
     invalid = torch.zeros(b, 2, RATE_LEVELS, dtype=torch.bool)
     invalid[:, :, 150:] = True  # dose limits
     rand = noise(b, config, 10)
     batched = search(*planner_search_fns(model, *inputs), config, invalid, rand)
     assert (batched.tree.depths == model.pre_len).any()  # reached the end of the dynamics
-    reference = reference_search_rows(
-        lambda row: planner_search_fns(model, *(x[row : row + 1] for x in inputs)), b, config, invalid, rand
-    )
+    reference = reference_search_rows(lambda row: planner_search_fns(model, *(x[row : row + 1] for x in inputs)), b, config, invalid, rand)
     same(batched, reference)
     assert (batched.action < 150).all()

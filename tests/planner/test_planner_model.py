@@ -61,8 +61,9 @@ def test_written_out_encoder_equals_the_module(tiny_windows, tiny_batch):
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
         if training:
             weights = torch.randn_like(out)
-            grads = [torch.autograd.grad((y * weights).sum(), [x, *model.encoder.parameters()])
-                     for x, y in ((ours, out), (theirs, expected))]
+            grads = [
+                torch.autograd.grad((y * weights).sum(), [x, *model.encoder.parameters()]) for x, y in ((ours, out), (theirs, expected))
+            ]
             for a, e in zip(*grads):
                 torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 

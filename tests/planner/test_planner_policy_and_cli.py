@@ -125,6 +125,8 @@ def test_train_planner_command(tiny_cases_file, tmp_path):
 def test_train_planner_command_bad_config_is_one_line(tiny_cases_file, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("strategy:\n  name: greedy\n")
-    result = CliRunner().invoke(app, ["train", "planner", "--config", str(config), "--data", str(tiny_cases_file), "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        app, ["train", "planner", "--config", str(config), "--data", str(tiny_cases_file), "--out", str(tmp_path / "r")]
+    )
     assert result.exit_code == 2
     assert "strategy.name" in result.output and "Traceback" not in result.output

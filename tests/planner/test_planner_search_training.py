@@ -72,7 +72,9 @@ def test_stage2_loss_adds_the_weighted_cross_entropy(tiny_batch):
 def test_detach_keeps_the_search_term_out_of_the_environment_model(tiny_model, tiny_batch):
     run = tiny_run("detach")
     search = SearchTrainingConfig(preset="aggressive", num_simulations=4, margin=-1e9)
-    step = lambda batch, out: search_targets(tiny_model, batch, search, 0.9, torch.Generator().manual_seed(0), out.memory, out.memory_padding)
+    step = lambda batch, out: search_targets(
+        tiny_model, batch, search, 0.9, torch.Generator().manual_seed(0), out.memory, out.memory_padding
+    )
     losses, _ = planner_losses(tiny_model, tiny_batch, run.strategy, search, step)
     losses.policy.backward()
     for param in tiny_model.parameter_groups()["env"]:
@@ -109,7 +111,9 @@ def test_calibrated_margin_activates_the_target_share_of_the_calibration_windows
     assert [entry["epoch"] for entry in trained.summary["search"]["activation"]] == [1, 2]
     every = train_planner(
         run.model_copy(update={"search": search.model_copy(update={"calibrate": "every_epoch"})}),
-        tiny_windows["train"], tiny_windows["val"], tmp_path / "every",
+        tiny_windows["train"],
+        tiny_windows["val"],
+        tmp_path / "every",
     ).summary["search"]
     assert [entry["epoch"] for entry in every["margin_calibration"]] == [1, 2]
     assert every["margin_calibration"][0]["margin"] == calibration["margin"]  # same model, same draws at epoch 1

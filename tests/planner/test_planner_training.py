@@ -97,8 +97,16 @@ def test_each_strategy_runs_one_epoch(tiny_windows, tmp_path, strategy):
     run = tiny_run(strategy, epochs=1)
     result = train_planner(run, tiny_windows["train"], tiny_windows["val"], tmp_path)
     final = result.summary["final"]
-    for name in ("val_bis_mae", "val_map_mae", "val_reward_mae", "val_value_mae", "val_action_mae_ppf",
-                 "val_action_mae_rftn", "rollout/bis_mae_h1", "rollout/map_mae_h3"):
+    for name in (
+        "val_bis_mae",
+        "val_map_mae",
+        "val_reward_mae",
+        "val_value_mae",
+        "val_action_mae_ppf",
+        "val_action_mae_rftn",
+        "rollout/bis_mae_h1",
+        "rollout/map_mae_h3",
+    ):
         assert np.isfinite(final[name]), name
     assert result.summary["strategy"] == strategy
     assert result.summary["warmup_epochs"] == (10 if strategy == "warmup" else 0)
@@ -113,8 +121,9 @@ def test_alternating_steps_policy_with_its_own_optimiser_only(tiny_windows, tmp_
     start = model_for(run, tiny_windows["train"]).policy_head[0].weight.detach().clone()
     moved = train_planner(run, tiny_windows["train"], tiny_windows["val"], tmp_path / "a").model
     assert not torch.equal(moved.policy_head[0].weight, start)
-    frozen = train_planner(tiny_run("alternating", epochs=1, warmup_epochs=1), tiny_windows["train"],
-                           tiny_windows["val"], tmp_path / "b").model
+    frozen = train_planner(
+        tiny_run("alternating", epochs=1, warmup_epochs=1), tiny_windows["train"], tiny_windows["val"], tmp_path / "b"
+    ).model
     assert torch.equal(frozen.policy_head[0].weight, start)
 
 
@@ -171,8 +180,7 @@ def test_value_targets_equal_the_returns_of_later_windows(tiny_windows):
 
 
 def test_rebound_alarm_after_warmup_only():
-    monitor = ReboundMonitor(MonitorConfig(margin=0.1, patience=2, grace_epochs=0), start_epoch=3,
-                             metrics=("val_bis_mae",))
+    monitor = ReboundMonitor(MonitorConfig(margin=0.1, patience=2, grace_epochs=0), start_epoch=3, metrics=("val_bis_mae",))
     sequence = [5.0, 4.0, 6.0, 6.0, 3.9, 4.5, 4.4, 4.5, 3.0]  # epochs 2-3 are worse but before start
     raised = [monitor.update(epoch, {"val_bis_mae": v}) for epoch, v in enumerate(sequence)]
     assert [len(r) for r in raised] == [0, 0, 0, 0, 0, 0, 1, 0, 0]

@@ -91,7 +91,10 @@ def test_pid_keeps_bis_in_band_more_than_the_anesthesiologist():
     from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
 
     result = evaluate_policies(
-        {"clinician": lambda c: SimulatedAnesthesiologist(c, 1), "pid": DualLoopPID}, n_cases=30, seed=7, spec=CaseSpec(duration_min=(40.0, 60.0))
+        {"clinician": lambda c: SimulatedAnesthesiologist(c, 1), "pid": DualLoopPID},
+        n_cases=30,
+        seed=7,
+        spec=CaseSpec(duration_min=(40.0, 60.0)),
     )
     clinician, pid = result["policies"]["clinician"], result["policies"]["pid"]
     assert pid["pct_bis_40_60"]["mean"] > clinician["pct_bis_40_60"]["mean"] + 10
@@ -147,9 +150,9 @@ def test_shifted_cohort_is_old_obese_and_more_sensitive():
     spec = CaseSpec(**{**SHIFTED_SPEC.__dict__, "duration_min": (20.0, 20.0)})
     shifted = sample_cases(200, np.random.default_rng(9), spec)
     cov = shifted.covariates
-    assert 70 <= cov.age.min() and cov.age.max() <= 90
+    assert cov.age.min() >= 70 and cov.age.max() <= 90
     bmi = cov.weight / (cov.height / 100.0) ** 2
-    assert 30 <= bmi.min() and bmi.max() <= 40
+    assert bmi.min() >= 30 and bmi.max() <= 40
     # The same patients and doses reach a deeper BIS when more sensitive.
     standard = CaseSpec(**{**spec.__dict__, "pd_sensitivity": 1.0})
     deep = run_cases(shifted, constant(30, 20), seed=1, spec=spec)

@@ -16,7 +16,11 @@ def test_simulated_cases_load_and_window_like_a_vitaldb_export(tmp_path):
     assert report.cases == 4 and not report.cases_dropped and report.rows_total == len(frame)
 
     renamed = tmp_path / "vitaldb.parquet"
-    columns = {**dict(zip(CANONICAL.tracks.values(), VITALDB.tracks.values(), strict=True)), CANONICAL.case_id: VITALDB.case_id, CANONICAL.time: VITALDB.time}
+    columns = {
+        **dict(zip(CANONICAL.tracks.values(), VITALDB.tracks.values(), strict=True)),
+        CANONICAL.case_id: VITALDB.case_id,
+        CANONICAL.time: VITALDB.time,
+    }
     import pandas as pd
 
     pd.read_csv(out).rename(columns=columns).to_parquet(renamed, index=False)

@@ -48,9 +48,7 @@ def open_loop(
     u_p = _schedule(propofol_mg_s, "propofol_mg_s")
     u_r = _schedule(remifentanil_ug_s, "remifentanil_ug_s")
     if u_p.shape != u_r.shape or u_p.shape[0] != cov.n:
-        raise ValueError(
-            f"propofol_mg_s {u_p.shape} and remifentanil_ug_s {u_r.shape} must both be [N, T] with N = {cov.n} patients"
-        )
+        raise ValueError(f"propofol_mg_s {u_p.shape} and remifentanil_ug_s {u_r.shape} must both be [N, T] with N = {cov.n} patients")
     sim = AnesthesiaSimulator(cov, dt, propofol_model, remifentanil_model, variability, noise, rng)
     n, t = u_p.shape
     dist = _disturbance(disturbance, n, t, sim.dt)  # [N, T, 3] or None

@@ -75,12 +75,23 @@ class HemoParams:
     @classmethod
     def typical(cls, n: int, map_base: float = 90.0, co_base: float = 6.5) -> HemoParams:
         values = {
-            "map_base": map_base, "co_base": co_base,
-            "emax_propo_sap": 54.8, "emax_propo_dap": 18.1,
-            "c50_propo_map_1": 1.96, "gamma_propo_map_1": 4.77, "c50_propo_map_2": 2.20, "gamma_propo_map_2": 8.49,
-            "emax_remi_map": -map_base, "c50_remi_map": 17.1, "gamma_remi_map": 4.56,
-            "emax_propo_co": -2.0, "c50_propo_co": 2.6, "gamma_propo_co": 2.0,
-            "emax_remi_co": -1.5, "c50_remi_co": 5.0, "gamma_remi_co": 2.0,
+            "map_base": map_base,
+            "co_base": co_base,
+            "emax_propo_sap": 54.8,
+            "emax_propo_dap": 18.1,
+            "c50_propo_map_1": 1.96,
+            "gamma_propo_map_1": 4.77,
+            "c50_propo_map_2": 2.20,
+            "gamma_propo_map_2": 8.49,
+            "emax_remi_map": -map_base,
+            "c50_remi_map": 17.1,
+            "gamma_remi_map": 4.56,
+            "emax_propo_co": -2.0,
+            "c50_propo_co": 2.6,
+            "gamma_propo_co": 2.0,
+            "emax_remi_co": -1.5,
+            "c50_remi_co": 5.0,
+            "gamma_remi_co": 2.0,
         }
         return cls(**{k: np.full(n, float(v)) for k, v in values.items()})
 
@@ -109,9 +120,7 @@ def sample_pd(params, omega: dict[str, float], rng: np.random.Generator):
 
 def hemodynamics(ce_propo_map: np.ndarray, ce_remi_map: np.ndarray, p: HemoParams) -> tuple[np.ndarray, np.ndarray]:
     """MAP [N] mmHg and CO [N] L/min from propofol's two MAP sites [N, 2] and remifentanil's MAP site [N]."""
-    u = (ce_propo_map[:, 0] / p.c50_propo_map_1) ** p.gamma_propo_map_1 + (
-        ce_propo_map[:, 1] / p.c50_propo_map_2
-    ) ** p.gamma_propo_map_2
+    u = (ce_propo_map[:, 0] / p.c50_propo_map_1) ** p.gamma_propo_map_1 + (ce_propo_map[:, 1] / p.c50_propo_map_2) ** p.gamma_propo_map_2
     emax_propo_map = p.emax_propo_dap + (p.emax_propo_sap + p.emax_propo_dap) / 3.0
     map_remi = p.emax_remi_map * hill(ce_remi_map, p.c50_remi_map, p.gamma_remi_map)
     mean_ap = p.map_base - emax_propo_map * u / (1.0 + u) + map_remi

@@ -67,8 +67,7 @@ def eleveld(cov: Covariates) -> MammillaryPK:
     pma_weeks = (age + 40.0 / 52.0) * 52.0  # post-menstrual age of a term birth
     pma_ref_weeks = 40.0 + age_ref * 52.0
     ffm = al_sallami_ffm(sex, weight, age, cov.bmi)
-    ffm_ref = al_sallami_ffm(np.array([1.0]), np.array([weight_ref]), np.array([age_ref]),
-                             np.array([weight_ref / 1.7**2]))
+    ffm_ref = al_sallami_ffm(np.array([1.0]), np.array([weight_ref]), np.array([age_ref]), np.array([weight_ref / 1.7**2]))
     cl_mat = hill(pma_weeks, 42.2760190602615, 9.0548452392807)  # theta8 E50 weeks, theta9 slope
     cl_mat_ref = hill(pma_ref_weeks, 42.2760190602615, 9.0548452392807)
     q3_mat = hill(pma_weeks, 68.2767978846832, 1.0)  # theta14 weeks

@@ -54,8 +54,7 @@ def eleveld(cov: Covariates) -> MammillaryPK:
     """Eleveld et al. 2017, Anesthesiology 126:1005 (allometric PK-PD); reference 35 y, 70 kg, 170 cm male."""
     age, weight, sex = cov.age, cov.weight, cov.sex
     age_ref, weight_ref = 35.0, 70.0
-    ffm_ref = al_sallami_ffm(np.array([1.0]), np.array([weight_ref]), np.array([age_ref]),
-                             np.array([weight_ref / 1.7**2]))
+    ffm_ref = al_sallami_ffm(np.array([1.0]), np.array([weight_ref]), np.array([age_ref]), np.array([weight_ref / 1.7**2]))
     size = al_sallami_ffm(sex, weight, age, cov.bmi) / ffm_ref
     mat = hill(weight, 2.88, 2.0) / hill(weight_ref, 2.88, 2.0)  # theta1 kg
     ksex = np.where(sex == 1.0, 1.0, 1.0 + 0.470 * hill(age, 12.0, 6.0) * (1.0 - hill(age, 45.0, 6.0)))  # theta5

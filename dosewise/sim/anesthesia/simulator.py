@@ -96,9 +96,7 @@ class AnesthesiaSimulator:
         self.steps = 0
         self.noise = MeasurementNoise(self.n, self.dt, self.rng) if self.noise_on else None
 
-    def step(
-        self, propofol: np.ndarray, remifentanil: np.ndarray, disturbance: np.ndarray | None = None
-    ) -> Observation:
+    def step(self, propofol: np.ndarray, remifentanil: np.ndarray, disturbance: np.ndarray | None = None) -> Observation:
         """Advance dt with rates propofol [N] mg/s and remifentanil [N] µg/s; disturbance [N, 3] or [3]
         is added to (BIS, MAP, CO) before noise."""
         u_p, u_r = self._rates(propofol, "propofol"), self._rates(remifentanil, "remifentanil")
@@ -114,9 +112,13 @@ class AnesthesiaSimulator:
             e_bis, e_map, e_co = self.noise.sample()
             level, mean_ap, co = np.clip(level + e_bis, 0.0, 100.0), mean_ap + e_map, co + e_co
         return Observation(
-            bis=level, map=mean_ap, co=co,
-            cp_propofol=self.x_p[:, 0].copy(), ce_propofol=self.x_p[:, 3].copy(),
-            cp_remifentanil=self.x_r[:, 0].copy(), ce_remifentanil=self.x_r[:, 3].copy(),
+            bis=level,
+            map=mean_ap,
+            co=co,
+            cp_propofol=self.x_p[:, 0].copy(),
+            ce_propofol=self.x_p[:, 3].copy(),
+            cp_remifentanil=self.x_r[:, 0].copy(),
+            ce_remifentanil=self.x_r[:, 3].copy(),
         )
 
     def _rates(self, rate, drug: str) -> np.ndarray:

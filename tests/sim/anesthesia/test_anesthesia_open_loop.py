@@ -19,8 +19,7 @@ KEYS = ("bis", "map", "co", "cp_propofol", "ce_propofol", "cp_remifentanil", "ce
 
 def cohort(n=4, seed=0):
     rng = np.random.default_rng(seed)
-    cov = {"age": rng.uniform(20, 80, n), "height": rng.uniform(150, 190, n),
-               "weight": rng.uniform(50, 100, n), "sex": np.arange(n) % 2.0}
+    cov = {"age": rng.uniform(20, 80, n), "height": rng.uniform(150, 190, n), "weight": rng.uniform(50, 100, n), "sex": np.arange(n) % 2.0}
     t = 300
     u_p = np.repeat(rng.uniform(0, 0.4, (n, 5)), t // 5, axis=1)  # [N, T] mg/s
     u_r = np.repeat(rng.uniform(0, 0.5, (n, 5)), t // 5, axis=1)  # [N, T] µg/s
@@ -45,8 +44,7 @@ def test_batch_equals_one_patient_at_a_time(propofol_model, remifentanil_model):
     kw = {"propofol_model": propofol_model, "remifentanil_model": remifentanil_model}
     batch = open_loop(**cov, propofol_mg_s=u_p, remifentanil_ug_s=u_r, **kw)
     for i in range(u_p.shape[0]):
-        one = open_loop(**{k: v[i:i + 1] for k, v in cov.items()}, propofol_mg_s=u_p[i:i + 1],
-                        remifentanil_ug_s=u_r[i:i + 1], **kw)
+        one = open_loop(**{k: v[i : i + 1] for k, v in cov.items()}, propofol_mg_s=u_p[i : i + 1], remifentanil_ug_s=u_r[i : i + 1], **kw)
         for key in KEYS:
             np.testing.assert_allclose(batch[key][i], one[key][0], rtol=1e-12, atol=1e-12)
 

@@ -46,7 +46,9 @@ def pas_trajectories(cov, u_p, u_r, propofol_model, remifentanil_model):
     for i in range(n):
         patient = pas.Patient(
             [cov["age"][i], cov["height"][i], cov["weight"][i], int(cov["sex"][i])],
-            model_propo=propofol_model, model_remi=remifentanil_model, save_data_bool=False,
+            model_propo=propofol_model,
+            model_remi=remifentanil_model,
+            save_data_bool=False,
         )
         for k in range(t):
             b, co, m, _ = patient.one_step(u_p[i, k], u_r[i, k], noise=False)
@@ -59,8 +61,7 @@ def pas_trajectories(cov, u_p, u_r, propofol_model, remifentanil_model):
 @pytest.mark.parametrize("propofol_model, remifentanil_model", [("Schnider", "Minto"), ("Eleveld", "Eleveld")])
 def test_noise_free_trajectories_match_pas(propofol_model, remifentanil_model):
     cov, u_p, u_r = random_case(seed=len(propofol_model))
-    ours = open_loop(**cov, propofol_mg_s=u_p, remifentanil_ug_s=u_r,
-                     propofol_model=propofol_model, remifentanil_model=remifentanil_model)
+    ours = open_loop(**cov, propofol_mg_s=u_p, remifentanil_ug_s=u_r, propofol_model=propofol_model, remifentanil_model=remifentanil_model)
     theirs = pas_trajectories(cov, u_p, u_r, propofol_model, remifentanil_model)
     assert np.ptp(theirs["bis"]) > 30 and theirs["bis"].min() < 50  # the schedules reach anaesthetic depths
     for key in ("bis", "map"):  # BIS points, mmHg
@@ -81,9 +82,9 @@ def test_bis_noise_has_pas_spread():
     """Our coloured BIS noise has the same SD as PAS's filter driven by the same white-noise SD."""
     np.random.seed(0)
     patient = pas.Patient([50, 170, 70, 1], save_data_bool=False)
-    theirs = np.concatenate([patient.bis_noise[200:]] + [
-        pas.Patient([50, 170, 70, 1], save_data_bool=False).bis_noise[200:] for _ in range(30)
-    ])
+    theirs = np.concatenate(
+        [patient.bis_noise[200:]] + [pas.Patient([50, 170, 70, 1], save_data_bool=False).bis_noise[200:] for _ in range(30)]
+    )
     noise = MeasurementNoise(n=31, dt=1.0, rng=np.random.default_rng(0))
     ours = np.stack([noise.sample()[0] for _ in range(1000)])[200:]  # [T, N], past the start-up transient
     assert ours.std() == pytest.approx(theirs.std(), rel=0.1)
