@@ -57,7 +57,9 @@ OUTCOMES = (
 )
 
 
-def runs(quick: bool, seed: int = 0, presets: tuple[str, ...] = (*PRESETS[1:], "calibrated")) -> dict[str, PlannerRunConfig]:
+def runs(
+    quick: bool, seed: int = 0, presets: tuple[str, ...] = (*PRESETS[1:], "calibrated"), calibrate: str = "every_epoch"
+) -> dict[str, PlannerRunConfig]:
     """BC alone ("bc") and Stage 2 with the search under each of `presets` (a preset name, or
     "calibrated": balanced with the margin calibrated to CALIBRATED_ACTIVATION), same budget."""
     base = load_config("planner_warmup", PlannerRunConfig)
@@ -76,7 +78,9 @@ def runs(quick: bool, seed: int = 0, presets: tuple[str, ...] = (*PRESETS[1:], "
     for preset in presets:
         calibrated = preset == "calibrated"
         searches[preset] = SearchTrainingConfig(
-            preset="balanced" if calibrated else preset, target_activation=CALIBRATED_ACTIVATION if calibrated else None
+            preset="balanced" if calibrated else preset,
+            target_activation=CALIBRATED_ACTIVATION if calibrated else None,
+            calibrate=calibrate,
         )
     return {name: base.model_copy(update={**common, "search": search}) for name, search in searches.items()}
 
@@ -164,6 +168,9 @@ def main() -> None:
         default=[*PRESETS[1:], "calibrated"],
         help="Stage 2 search presets trained beside BC alone",
     )
+    parser.add_argument(
+        "--calibrate", choices=("every_epoch", "once"), default="every_epoch", help="when the calibrated preset sets its margin"
+    )
     args = parser.parse_args()
     if args.across:
         summary = across_seeds(args.across)
@@ -181,7 +188,7 @@ def main() -> None:
     cases = 6 if args.quick else args.cases
     started = time.perf_counter()
 
-    configs = runs(args.quick, args.seed, tuple(args.presets))
+    configs = runs(args.quick, args.seed, tuple(args.presets), args.calibrate)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
         futures = {
