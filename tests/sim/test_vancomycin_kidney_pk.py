@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from scipy.linalg import expm
 
-from dosewise.sim.vancomycin import expm_batched, pk_parameters, sample_cohort
+from dosewise.sim.linalg import expm_batched
+from dosewise.sim.vancomycin import pk_parameters, sample_cohort
 
 
 def test_batched_expm_matches_scipy_on_pk_generators_and_random_matrices():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from dosewise.sim.anesthesia.covariates import Covariates
-from dosewise.sim.vancomycin import expm_batched
+from dosewise.sim.linalg import expm_batched
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dosewise.sim.vancomycin import expm_batched
+from dosewise.sim.linalg import expm_batched
 
 BIS_WHITE_SD = 3.0
 MAP_SD = 5.0  # mmHg
