@@ -1,8 +1,8 @@
-"""How many IQL (seed-)steps/s the matmuls alone allow on this CPU: an upper bound for issue 6's targets.
+"""How many IQL (seed-)steps/s the matmuls alone allow on this CPU: an upper bound for the speed targets.
 
     python bench/iql_roofline.py [--json bench/results/iql_roofline.json] [--d3rlpy-json bench/results/iql_vs_d3rlpy.json]
 
-Issue 6 asks for >= 60x (16 members) and >= 100x (64 members) d3rlpy's [32, 32] / 64 steps/s in
+The speed targets are >= 60x (16 members) and >= 100x (64 members) d3rlpy's [32, 32] / 64 steps/s in
 seed-steps/s, and >= 2.5x d3rlpy at [256, 256] / 256. Whatever else a step does, it must run its
 matmuls, so, per target:
 
@@ -33,8 +33,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 OBS_DIM, ACTION_DIM = 7, 1  # the benchmark's vancomycin states: 7 features
-# (hidden, batch, members) -> the issue's target, as a multiple of d3rlpy's steps/s at that config
-# ([32, 32] / 64 for the ensembles, which the issue compares with d3rlpy's single run there)
+# (hidden, batch, members) -> the speed target, as a multiple of d3rlpy's steps/s at that config
+# ([32, 32] / 64 for the ensembles, which the targets compare with d3rlpy's single run there)
 TARGETS = {((32, 32), 64, 16): 60.0, ((32, 32), 64, 64): 100.0, ((256, 256), 256, 1): 2.5}
 D3RLPY_JSON = Path(__file__).parent / "results" / "iql_vs_d3rlpy.json"
 

@@ -1,8 +1,8 @@
-"""Seed 004's IQL sensitivity table, on ground truth: one factor at a time around the conservative config.
+"""The hand-tuning's IQL sensitivity claims, on ground truth: one factor at a time around the conservative config.
 
-Each of lr, gamma, hidden, beta and tau takes its three values from the seed with the other four
+Each of lr, gamma, hidden, beta and tau takes the three values the hand-tuning tried, with the other four
 at the packaged ``iql_conservative`` config (11 distinct configs: the default is shared by the five
-factors), plus lr 3e-5 / 3e-4 without target networks (Polyak 1, the seed's setup). For each seed
+factors), plus lr 3e-5 / 3e-4 without target networks (Polyak 1, as the hand-tuning trained). For each seed
 s: simulate the 150-patient training set of `bench/vancomycin_outcomes.py`
 (``simulate_dataset(150, s)``) and train every config with seed s through
 `dosewise.algos.sweep.train_sweep` (the configs sharing a network shape are stacked members of one
@@ -22,7 +22,7 @@ learner: 3 learners, plus 1 for the no-target pair). Then, per config:
   departure from the clinicians (mean |pi(s) - a_data|).
 
 Mean +- sd (sample sd) over seeds per config, and per-seed paired differences to the default
-with a t interval; each seed claim gets a verdict by rules stated on the page. Prints a table,
+with a t interval; each claim of the hand-tuning gets a verdict by rules stated on the page. Prints a table,
 writes JSON (bench/results/iql_sensitivity.json) and the page docs/iql_sensitivity.md.
 
     python bench/iql_sensitivity.py [--quick] [--seeds 5] [--json OUT] [--md OUT] [--runs DIR]
@@ -73,7 +73,7 @@ FACTORS: dict[str, tuple] = {
     "beta": (0.5, 1.0, 3.0),
     "tau": (0.5, 0.7, 0.9),
 }
-# The seed trained without target networks; a Polyak rate of 1 makes the target critics the online
+# The hand-tuning trained without target networks; a Polyak rate of 1 makes the target critics the online
 # ones, which is that setup. Not part of the one-factor design: a separate block at two lrs.
 NO_TARGET = {"factor": "lr, no target nets", "polyak": 1.0, "values": (3e-5, 3e-4)}
 GROWTH_LIMIT = 2.0  # diverged: final whole-data Q loss above twice its minimum over training
@@ -432,7 +432,7 @@ def verdicts(summary: list[dict], rows: list[dict]) -> list[tuple[str, str, str]
     if (factor, "0.0003") in at:
         nt_hi, nt_lo = at[(factor, "0.0003")], at[(factor, "3e-05")]
         text += (
-            f" Without target networks (the seed's setup, Polyak 1): lr 3e-4 diverged in {nt_hi['diverged']}/{n} seeds "
+            f" Without target networks (the hand-tuning's setup, Polyak 1): lr 3e-4 diverged in {nt_hi['diverged']}/{n} seeds "
             f"(final/min {pm(nt_hi['q_loss_growth'], digits=2)}), 3e-5 in {nt_lo['diverged']}/{n}; "
             f"{outcome((factor, '0.0003'), 'lr 3e-4 without targets')}."
         )
@@ -536,9 +536,9 @@ def markdown(report: dict, rows: list[dict]) -> str:
     n = settings["seeds"]
     m = s["machine"]
     lines = [
-        "# IQL hyperparameter sensitivity on the vancomycin simulator (seed 004's table, on ground truth)",
+        "# IQL hyperparameter sensitivity on the vancomycin simulator (the hand-tuning's claims, on ground truth)",
         "",
-        "Seed 004 tuned IQL by hand and reported a sensitivity table (quoted in `dosewise/configs/iql_conservative.yaml`):",
+        "The conservative defaults were tuned by hand, with these sensitivity claims (quoted in `dosewise/configs/iql_conservative.yaml`):",
         "lr 3e-4 diverges and 3e-5 converges, γ 0.99 is too far-sighted, [64, 64] overfits and [16, 16]",
         "underfits, β 3.0 is unstable, τ 0.9 is too conservative. Here each of those settings is trained",
         "on simulated data and run on simulated patients, whose outcome is known.",
@@ -557,10 +557,10 @@ def markdown(report: dict, rows: list[dict]) -> str:
         "## Setup",
         "",
         "- **Design**: one factor at a time around the conservative config (lr 3e-5, γ 0.90, hidden 32x32, β 0.5,",
-        "  τ 0.7, batch 64, Polyak 0.005), each factor over the seed's three values with the others at the default:",
+        "  τ 0.7, batch 64, Polyak 0.005), each factor over the hand-tuning's three values with the others at the default:",
         "  11 distinct configs (the default rows are the same runs in every block). A separate block trains",
         "  lr 3e-5 and 3e-4 without target networks (Polyak rate 1: the target critics are the online ones), the",
-        "  seed's own setup, since our IQL has target critics and the seed's had none.",
+        "  hand-tuning's own setup, since our IQL has target critics and the hand-tuned one had none.",
         f"- **Data** per seed s = 0..{n - 1}: `simulate_dataset({settings['patients']}, s)`, as `bench/vancomycin_outcomes.py` (~2100 transitions;",
         "  per-step rewards in [−3, 1], −10 more for an AKI).",
         f"- **Training**: {settings['steps']} steps with seed s for every config (the same initialisation for the same network shape,",
@@ -629,7 +629,7 @@ def markdown(report: dict, rows: list[dict]) -> str:
         )
     lines += [
         "",
-        "## Which of the seed's claims hold",
+        "## Which of the hand-tuning's claims hold",
         "",
         "Rules: a setting is *worse* (*better*) than the default when the 95 % interval of its paired Δ return",
         "lies below (above) 0 — return combines AUC attainment, under- and over-exposure and AKI; *diverged* as",
@@ -691,9 +691,9 @@ def reading(report: dict, rows: list[dict]) -> list[str]:
             )
         ),
         (
-            "The seed's numbers came from its own clinical data and rewards (its Q ranged over about −300..100) and an "
+            "The hand-tuning's numbers came from clinical data and rewards (its Q ranged over about −300..100) and an "
             "IQL without target networks; ours from the simulator's rewards. The no-target block tests the difference "
-            "of algorithm; the reward scale is a possible reason, untested here, for the seed's divergence at lr 3e-4."
+            "of algorithm; the reward scale is a possible reason, untested here, for the hand-tuning's divergence at lr 3e-4."
         ),
     ]
     check = report.get("crosscheck")

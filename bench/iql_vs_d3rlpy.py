@@ -4,7 +4,7 @@
 
 Data: 150 simulated vancomycin patients (`simulate_dataset(150, 0)` -> `load_transitions`), states
 normalised the way `train_iql` does. Configs: hidden [32, 32] with batch 64, and [256, 256] with
-batch 256; seed 004's lr 3e-5, gamma 0.9, beta 0.5, tau 0.7, Polyak 0.005 for both libraries.
+batch 256; the conservative defaults' lr 3e-5, gamma 0.9, beta 0.5, tau 0.7, Polyak 0.005 for both libraries.
 
 Every measurement is its own subprocess (so peak memory is per run, and one library's imports
 or allocator state never slow the other), all of them with glibc keeping freed memory
@@ -13,7 +13,7 @@ or allocator state never slow the other), all of them with glibc keeping freed m
 alternate between the libraries, and the median of the repeats is reported. Two things are
 measured, in the same run:
 
-**Update loop** (``ours_steps_per_s``, ``d3rlpy_steps_per_s``, ``ratio``; the issue's keys). A
+**Update loop** (``ours_steps_per_s``, ``d3rlpy_steps_per_s``, ``ratio``; the keys the speed targets are stated in). A
 run builds everything, takes a few warm-up steps, then times ``--steps`` gradient steps of each
 library's bare loop body: minibatch sampling plus one update, i.e. d3rlpy's
 ``sample_transition_batch`` + ``update`` and ours the `train_iql` loop body (`sample` + `update`,

@@ -3,7 +3,7 @@ plain weight; also with a pre-packed one), on the shapes the planner runs, one t
 
 Rows · in → out: the encoder's products over 128 windows of 65 tokens (8,320 rows), the search's
 recurrent call over 128 trees, the one-at-a-time reference's (1 and 65 rows), one member of an
-IQL [256, 256] network at batch 256 (issue 6's largest config; forward products only), and a
+IQL [256, 256] network at batch 256 (the largest config of the IQL speed targets; forward products only), and a
 1024² product for the machine's peak. Packing a weight ahead (`packed_us`, plus the cost of the
 packing itself, `pack_us`) gains only a few per cent over the plain weight, so `dosewise.onednn`
 does not pack. Both sides alternate run by run; medians. Also records whether

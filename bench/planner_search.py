@@ -1,4 +1,4 @@
-"""Closed loop of the planner with and without search (issue 5): BC only vs BC + MCTS targets under
+"""Closed loop of the planner with and without search: BC only vs BC + MCTS targets under
 each preset (conservative, balanced, aggressive), and planning at inference (argmax, RL-DITR beam
 search, MCTS) — all on the same held-out simulated patients next to the simulated anesthesiologist.
 

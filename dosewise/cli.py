@@ -210,7 +210,7 @@ def train_planner_command(
     epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Train the anesthesia planner (seed 000) under one strategy; summary.json holds the final metrics and alarms."""
+    """Train the anesthesia planner under one training strategy; summary.json holds the final metrics and alarms."""
     from dosewise.planner.run import resolve_run, train_planner_from_file
 
     run = resolve_run(config, data, epochs)

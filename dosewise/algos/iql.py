@@ -34,11 +34,11 @@ from torch.optim.adam import adam as functional_adam
 
 
 class IQLConfig(BaseModel):
-    """Hyperparameters. Defaults are seed 004's tuned "conservative" set."""
+    """Hyperparameters. Defaults are the tuned "conservative" set."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Adam step size of all networks. Seed 004: 3e-4 made Q diverge; lower it if loss/q grows.
+    # Adam step size of all networks. In hand-tuning 3e-4 made Q diverge; lower it if loss/q grows.
     lr: float = Field(3e-5, gt=0)
     # Discount per 4 h step. Higher looks further ahead (0.9 ~ 40 h horizon) but learns slower.
     gamma: float = Field(0.90, ge=0, lt=1)

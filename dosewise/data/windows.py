@@ -36,7 +36,7 @@ BIS_MAX = 100
 # Largest class of the categorical MAP target, mmHg (classes 0..MAP_MAX).
 MAP_MAX = 200
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
-# The reward of the seed's planner (BIS window, hypotension worst); inject another to compare.
+# The planner's reward (BIS window, hypotension worst); inject another to compare.
 DEFAULT_REWARD = AnesthesiaReward()
 
 # Steps per block of the discounted-return computation (a [block, block] matrix per product).
@@ -50,7 +50,7 @@ class WindowConfig(BaseModel):
 
     # History steps the representation sees (the current step included); longer = more context, more memory.
     max_len: int = 64
-    # Future steps unrolled by the dynamics (actions, targets, rewards); the seed uses 5.
+    # Future steps unrolled by the dynamics (actions, targets, rewards).
     pre_len: int = 5
     # Discount of the per-window return; lower = more short-sighted value targets.
     gamma: float = 0.99

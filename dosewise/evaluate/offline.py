@@ -1,4 +1,4 @@
-"""Seed 004's offline statistics: what the learned critics say about the data they were fitted on.
+"""Offline statistics: what the learned critics say about the data they were fitted on.
 
 These numbers describe the model, not the patients: a greedy Q far above the behaviour Q means
 the critic rates actions the clinicians rarely took, which is where it is least reliable.

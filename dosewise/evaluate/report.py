@@ -1,4 +1,4 @@
-"""The analysis report of a trained vancomycin IQL run: seed 004's notebook, as one HTML page.
+"""The analysis report of a trained vancomycin IQL run, as one HTML page.
 
 Every figure is also written as a PNG next to the page and embedded in it (base64), so the page
 alone can be mailed or archived. Each figure carries one caption line saying how to read it.

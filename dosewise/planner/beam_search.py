@@ -1,4 +1,4 @@
-"""Beam search over the learned model, as RL-DITR's released code plans (DESIGN.md section 3):
+"""Beam search over the learned model, as RL-DITR's released code plans:
 keep the `beam_width` best action sequences; extend each by its `top_k` most probable joint
 actions (both drugs) under the policy head; score a sequence by Σ_i γ^i (r_i + v_i), the
 predicted reward of step i plus the value of the state it reaches; act with the first action

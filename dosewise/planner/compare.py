@@ -1,8 +1,8 @@
-"""`dosewise compare-strategies`: the five training strategies of seed 000 on the same data and
+"""`dosewise compare-strategies`: the five training strategies on the same data and
 seed, side by side — environment-model metrics, action error, rebound alarms and closed-loop
 outcomes — as a table (JSON, Markdown) and a figure of the env metrics per epoch.
 
-The seed's hypothesis under test: joint training lets the policy loss degrade the environment
+The hypothesis under test: joint training lets the policy loss degrade the environment
 model; warm-up and detach protect it. Runs go in parallel processes (one CPU thread each).
 """
 

@@ -1,5 +1,5 @@
-"""Configuration of the anesthesia planner (DESIGN.md section 2): model sizes, the training
-strategy of seed 000, the rebound alarm and the closed-loop check. One YAML file
+"""Configuration of the anesthesia planner: model sizes, the training
+strategy, the rebound alarm and the closed-loop check. One YAML file
 (`dosewise/configs/planner_*.yaml`, read with `dosewise.config.load_config(path, PlannerRunConfig)`)
 says everything a run did and is saved next to it."""
 
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dosewise.data.anesthesia import CANONICAL, AnesthesiaDataConfig
 from dosewise.data.windows import WindowConfig
 
-# The five ways of combining Stage 1 (environment model) and Stage 2 (policy) of seed 000.
+# The five ways of combining Stage 1 (environment model) and Stage 2 (policy).
 Strategy = Literal["joint", "warmup", "weighted", "detach", "alternating"]
 STRATEGIES: tuple[str, ...] = ("joint", "warmup", "weighted", "detach", "alternating")
 # Environment metrics the rebound alarm watches (validation, lower is better).
@@ -51,18 +51,18 @@ class PlannerModelConfig(BaseModel):
 class StrategyConfig(BaseModel):
     """How Stage 1 (BIS, MAP, reward, value losses) and Stage 2 (policy loss) are combined.
 
-    - joint: one loss, env + policy, one optimiser (the seed's original code).
+    - joint: one loss, env + policy, one optimiser (plain MuZero-style training, the baseline).
     - warmup: env losses only for `warmup_epochs`, then env + policy.
     - weighted: policy + env_weight · env.
     - detach: env + policy, but the policy loss sees detached latent states, so no gradient of
       Stage 2 reaches the representation or the dynamics (no model exploitation).
-    - alternating: two optimisers (Lightning manual optimisation), the seed's solution 3: each
+    - alternating: two optimisers (Lightning manual optimisation): each
       epoch first passes over all minibatches stepping the environment model (representation,
       dynamics, BIS/MAP/reward/value heads) on the env loss, then over the same minibatches
       stepping the policy network on the policy loss (detached states).
     `warmup_epochs` and `env_weight` default to the strategy's own values (10 for warmup, 2.0
     for weighted, 0 and 1.0 otherwise); set them to combine, e.g. warmup with env_weight 2.0
-    (the seed's recommendation).
+    (the recommended combination).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -95,7 +95,7 @@ class StrategyConfig(BaseModel):
         return self.name in ("detach", "alternating")
 
 
-# Stage 2 presets of seed 000: weights of BC and the MCTS term, the margin the search's action
+# Stage 2 presets: weights of BC and the MCTS term, the margin the search's action
 # must beat the clinician's by, simulations per search, and whether Stage 2 uses teacher forcing.
 SEARCH_PRESETS: dict[str, dict[str, float | int | bool]] = {
     "conservative": {"bc_weight": 0.8, "mcts_weight": 0.2, "margin": 0.15, "num_simulations": 30, "teacher_forcing": True},
@@ -105,7 +105,7 @@ SEARCH_PRESETS: dict[str, dict[str, float | int | bool]] = {
 
 
 class SearchTrainingConfig(BaseModel):
-    """Policy improvement by search in Stage 2 (seed 000): the batched MCTS searches from every
+    """Policy improvement by search in Stage 2: the batched MCTS searches from every
     window's state_0; Q = r + γ·V of its action and of the clinician's, one model step each,
     in units of the training return's standard deviation. Where Q_mcts > Q_expert + margin
     the MCTS action is a target with weight 1, elsewhere weight 0; the policy loss is
@@ -120,7 +120,7 @@ class SearchTrainingConfig(BaseModel):
     # In return standard deviations (value and reward heads are trained in those units).
     margin: float | None = None
     # Calibrate the margin instead: set it to the quantile of Q_mcts - Q_expert over a fixed sample
-    # of training windows that leaves this share of them active (the seed's healthy activation is
+    # of training windows that leaves this share of them active (the healthy activation is
     # 10-40 %). None: the preset's fixed margin.
     target_activation: float | None = Field(None, gt=0.0, lt=1.0)
     # When to calibrate: at every epoch the search trains the policy (activation then stays near the

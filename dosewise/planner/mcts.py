@@ -1,4 +1,4 @@
-"""Batched Monte Carlo tree search over the planner's learned model (issue 5, DESIGN.md section 2).
+"""Batched Monte Carlo tree search over the planner's learned model.
 
 One search runs B independent trees at once on tensors: every simulation selects a path in all
 B trees, expands one leaf per tree with ONE call of the model's recurrent inference on the whole

@@ -1,4 +1,4 @@
-"""Training of the planner (seed 000, DESIGN.md section 2) on PyTorch Lightning.
+"""Training of the planner on PyTorch Lightning.
 
 Reads top to bottom: losses of Stage 1 and Stage 2 → how each strategy combines them →
 validation metrics and the rebound alarm → the LightningModule → `train_planner`.
@@ -10,7 +10,7 @@ validation metrics and the rebound alarm → the LightningModule → `train_plan
   Teacher forcing (the default) rolls out with the clinician's actions, each sample its own,
   so the Stage 2 states are Stage 1's; `stage2_rollout: policy` rolls out with the model's own
   argmax actions instead. With a search preset (`SearchTrainingConfig`) the batched MCTS
-  searches from every window's state_0 and adds the seed's margin-gated MCTS term.
+  searches from every window's state_0 and adds the margin-gated MCTS term.
 - Strategies (`StrategyConfig`): joint, warmup, weighted, detach, alternating.
 """
 
@@ -118,7 +118,7 @@ def stage2_states(model: PlannerModel, out: PlannerOutput, batch: Batch, strateg
 
 @dataclass(frozen=True)
 class SearchTargets:
-    """The MCTS term's targets for one batch (seed 000's Stage 2)."""
+    """The MCTS term's targets for one batch (Stage 2 with the search)."""
 
     action: Tensor  # [B, 2] int64 the search's joint action at s_0
     weight: Tensor  # [B] float 1 where Q_mcts > Q_expert + margin, else 0
@@ -195,7 +195,7 @@ def planner_losses(
 
 
 def stage2_loss(logits: Tensor, batch: Batch, search: SearchTrainingConfig | None, targets: SearchTargets | None) -> Tensor:
-    """BC alone, or the seed's λ_bc · BC + λ_mcts · mean over the batch of w · CE(policy at s_0,
+    """BC alone, or λ_bc · BC + λ_mcts · mean over the batch of w · CE(policy at s_0,
     MCTS action) (summed over the two drugs)."""
     bc = behaviour_cloning_loss(logits, batch)
     if targets is None or search is None or not search.enabled:
@@ -409,7 +409,7 @@ class PlannerModule(pl.LightningModule):
         return loss
 
     def _alternating_env_step(self, batch: Batch, size: int) -> None:
-        """Alternating (the seed's solution 3), env pass: each epoch first passes over all
+        """Alternating, env pass: each epoch first passes over all
         minibatches stepping the env model on the env loss (Stage 1 only) with its own optimiser ..."""
         out = self.model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
         stage1 = dict(zip(("bis", "map", "reward", "value"), stage1_losses(self.model, out, batch)))

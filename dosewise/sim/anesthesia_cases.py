@@ -6,7 +6,7 @@ what the monitors chart (BIS, MAP, SBP, DBP, HR), pumps in VitalDB units, and on
 every policy goes through - the simulated anesthesiologist that writes the datasets, a PID
 controller, and learned planners - so they are compared on identical patients and luck.
 
-MAP calibration (DESIGN section 3): with PAS's defaults MAP falls to ~48 mmHg at a normal depth.
+MAP calibration: with PAS's defaults MAP falls to ~48 mmHg at a normal depth.
 Two causes, two documented choices: (1) PAS forms propofol's MAP Emax as DAP + (SAP + DAP)/3 =
 42.4 mmHg; the MAP of a (SAP, DAP) pair is DAP + (SAP - DAP)/3 = 30.3 mmHg (Jeleazcov 2015's
 Emax values), which we use for cases; (2) awake baseline MAP is drawn per patient, 100 mmHg at

@@ -83,7 +83,7 @@ class SimulatedAnesthesiologist:
 
 
 def simulate_cases(n_cases: int, seed: int, spec: CaseSpec = CaseSpec()) -> pd.DataFrame:
-    """A VitalDB-like table, one row per case per decision step (DESIGN.md section 2).
+    """A VitalDB-like table, one row per case per decision step.
 
     Columns: case_id, time (s), BIS, MAP, SBP, DBP, HR (charted before the decision),
     PPF20_RATE and RFTN20_RATE (mL/h chosen at that time), age, sex, height, weight, asa.

@@ -36,7 +36,7 @@ FEATURES: tuple[str, ...] = (
     "sbp",  # mmHg
     "heart_rate",  # beats/min
 )
-DECISION_HOURS = 4  # one row / one decision every 4 h, as in seed 004
+DECISION_HOURS = 4  # one row / one decision every 4 h
 SUBSTEP_HOURS = 1.0  # infusions start on whole hours; the PK solution is exact within a sub-step
 AUC_TARGET = (400.0, 600.0)  # mg*h/L over 24 h, MIC 1 mg/L
 

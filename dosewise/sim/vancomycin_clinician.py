@@ -86,7 +86,7 @@ def simulate_dataset(
     config: VancomycinConfig = VancomycinConfig(),
     habits: ClinicianHabits = ClinicianHabits(),
 ) -> pd.DataFrame:
-    """A clinical-export-like table, one row per patient per 4 h step (DESIGN.md section 1).
+    """A clinical-export-like table, one row per patient per 4 h step.
 
     Columns: patient_id, time (h), the 7 features (NaN where not charted), action, reward.
     """

@@ -1,5 +1,5 @@
-"""Stage 2 with the search (seed 000): the margin gates the MCTS target, the loss is
-λ_bc·BC + λ_mcts·mean(w·CE), presets resolve as the issue states, the activation rate is
+"""Stage 2 with the search: the margin gates the MCTS target, the loss is
+λ_bc·BC + λ_mcts·mean(w·CE), presets resolve to their documented numbers, the activation rate is
 recorded with its alarm, and detach still keeps Stage 2 out of the environment model."""
 
 from __future__ import annotations
