@@ -121,10 +121,7 @@ def train_iql_from_file(
     with seeds > 1 an ensemble of members seed..seed+seeds-1 on stacked weights, and losses.json)."""
     from dosewise.algos.training import train_iql
 
-    run = config if isinstance(config, IQLRunConfig) else resolve_iql_run(config, data)
-    frame, report = _load(data, run, echo)
-    transitions = build_transitions(frame, run.data)
-    members = [run.train.seed + k for k in range(seeds)]
+    run, report, transitions, members = _prepare(data, config, seeds, echo)
     ensemble = f" x {seeds} members (seeds {members[0]}..{members[-1]})" if seeds > 1 else ""
     echo(f"{transitions.n} transitions from {report.patients} patients; training {run.train.steps} steps{ensemble} -> {out}")
     train_iql(run, transitions, out, resume=resume, show_progress=show_progress, seeds=members, compile=compile)
@@ -149,10 +146,7 @@ def sweep_iql_from_file(
     once per seed, trained in one process on stacked weights: OUT/<point>/ is a run per point."""
     from dosewise.algos.sweep import load_grid, train_sweep
 
-    run = config if isinstance(config, IQLRunConfig) else resolve_iql_run(config, data)
-    frame, report = _load(data, run, echo)
-    transitions = build_transitions(frame, run.data)
-    members = [run.train.seed + k for k in range(seeds)]
+    run, report, transitions, members = _prepare(data, config, seeds, echo)
     grid = load_grid(sweep, run.iql)
     echo(f"{transitions.n} transitions; sweeping {len(grid)} configs x {seeds} seeds, {run.train.steps} steps -> {out}")
     table = train_sweep(run, transitions, out, grid, members, resume=resume, show_progress=show_progress, compile=compile)
@@ -235,7 +229,10 @@ def write_table(frame, out: str | Path) -> Path:
     if out.suffix not in (".parquet", ".csv"):
         raise DataError(f"{out}: unsupported output suffix {out.suffix!r}; use .csv or .parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(out, index=False) if out.suffix == ".parquet" else frame.to_csv(out, index=False)
+    if out.suffix == ".parquet":
+        frame.to_parquet(out, index=False)
+    else:
+        frame.to_csv(out, index=False)
     return out
 
 
@@ -294,8 +291,10 @@ def run_demo(
     return DemoResult(data_path, out / "iql", report, evaluation, evaluation_path, page)
 
 
-def _load(data: str | Path, run: IQLRunConfig, echo: Echo):
+def _prepare(data: str | Path, config: str | Path | IQLRunConfig | None, seeds: int, echo: Echo):
+    """The resolved run, the load report, the transitions and the member seeds of a training call."""
+    run = config if isinstance(config, IQLRunConfig) else resolve_iql_run(config, data)
     frame, report = load_table(data, run.data)
     if report.rows_dropped_nan:
         echo(f"dropped {report.rows_dropped_nan} of {report.rows_total} rows with missing values: {report.dropped_nan_by_column}")
-    return frame, report
+    return run, report, build_transitions(frame, run.data), [run.train.seed + k for k in range(seeds)]

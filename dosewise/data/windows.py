@@ -29,8 +29,6 @@ from dosewise.sim.anesthesia_cases import PUMP_CONCENTRATIONS, pump_concentratio
 # Per-step observation in the history: the vitals at the step, the rates set one step before, and
 # the option flag (1 in the induction phase, the first `WindowConfig.induction_s` of the case).
 HISTORY_FEATURES: tuple[str, ...] = (*VITALS, *(f"prev_{name}" for name in RATES), "option")
-# With `WindowConfig.concentrations`, four more per step: what a TCI pump displays (`pump_concentrations`).
-CONCENTRATION_FEATURES: tuple[str, ...] = PUMP_CONCENTRATIONS
 # Largest class of the categorical BIS target (classes 0..BIS_MAX).
 BIS_MAX = 100
 # Largest class of the categorical MAP target, mmHg (classes 0..MAP_MAX).
@@ -188,7 +186,7 @@ def build_windows(
 
 def history_features(config: WindowConfig) -> tuple[str, ...]:
     """Names of the per-step history features the windows of `config` carry."""
-    return HISTORY_FEATURES + (CONCENTRATION_FEATURES if config.concentrations else ())
+    return HISTORY_FEATURES + (PUMP_CONCENTRATIONS if config.concentrations else ())
 
 
 def _case_concentrations(frame: pd.DataFrame, starts: np.ndarray, ends: np.ndarray, rates: np.ndarray) -> np.ndarray:
@@ -210,7 +208,7 @@ def _case_concentrations(frame: pd.DataFrame, starts: np.ndarray, ends: np.ndarr
         first["sex"].to_numpy(np.float64),
     )
     conc = pump_concentrations(covariates, padded, step_s)[:, :-1]  # [C, T, 4] state before step s's rates
-    out = np.zeros((len(frame), len(CONCENTRATION_FEATURES)))
+    out = np.zeros((len(frame), len(PUMP_CONCENTRATIONS)))
     out[index[within]] = conc[within]
     return out
 
