@@ -12,9 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
-from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
-from dosewise.sim.anesthesia_pid import DualLoopPID
+from dosewise.evaluate.anesthesia.closed_loop import evaluate_policies
+from dosewise.sim.anesthesia.clinician import SimulatedAnesthesiologist
+from dosewise.sim.anesthesia.pid import DualLoopPID
 
 COLUMNS = {
     "pct_bis_40_60": "% time BIS 40-60",

@@ -55,7 +55,7 @@ from dosewise.checkpoint import load_safe
 from dosewise.config import load_config
 from dosewise.data import load_transitions
 from dosewise.data.transitions import Normalizer, Transitions
-from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
+from dosewise.evaluate.vancomycin.closed_loop import evaluate_vancomycin
 from dosewise.sim.vancomycin_clinician import simulate_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -35,12 +35,11 @@ from dosewise.planner.mcts import (
     UNVISITED,
     MCTSConfig,
     draw_noise,
-    planner_search_fns,
-    planner_search_fns_from_memory,
     search,
 )
 from dosewise.planner.mcts_reference import reference_search
 from dosewise.planner.model import RATE_LEVELS, PlannerModel, PlannerStats
+from dosewise.planner.search_model import planner_search_fns, planner_search_fns_from_memory
 
 BATCH = 128
 MAX_LEN, PRE_LEN = 64, 5
@@ -225,7 +224,7 @@ def training_epoch_overhead(quick: bool) -> dict:
         SearchTrainingConfig,
     )
     from dosewise.planner.training import train_planner
-    from dosewise.sim.anesthesia_clinician import simulate_cases
+    from dosewise.sim.anesthesia.clinician import simulate_cases
 
     logging_off()
     batches, repeats = (4, 1) if quick else (20, 3)

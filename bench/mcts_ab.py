@@ -29,6 +29,7 @@ import torch
 
 from dosewise.allocator import keep_freed_memory
 from dosewise.planner import mcts as new_mcts
+from dosewise.planner import search_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mcts import BATCH, planner_model, windows  # bench/mcts.py
@@ -79,7 +80,9 @@ def main() -> None:
                 config = module.MCTSConfig()
                 noise = module.draw_noise(BATCH, config, torch.Generator().manual_seed(0))
                 with context():
-                    root, recurrent = module.planner_search_fns_from_memory(searched, memory, padding)
+                    # a revision from before search_model.py has the planner's search functions in mcts.py
+                    fns = getattr(module, "planner_search_fns_from_memory", search_model.planner_search_fns_from_memory)
+                    root, recurrent = fns(searched, memory, padding)
                     module.search(root, recurrent, config, invalid, noise)
 
             return run

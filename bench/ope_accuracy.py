@@ -25,7 +25,7 @@ from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.trained import TrainedIQL
 from dosewise.algos.training import train_iql
 from dosewise.data import load_transitions
-from dosewise.evaluate.ope import (
+from dosewise.evaluate.vancomycin.ope import (
     BehaviourModel,
     OPEConfig,
     evaluate_ope,

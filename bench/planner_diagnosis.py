@@ -37,7 +37,7 @@ from torch import nn
 
 from dosewise.data.anesthesia import load_cases
 from dosewise.data.windows import build_windows, split_by_case
-from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
+from dosewise.evaluate.anesthesia.closed_loop import evaluate_policies
 from dosewise.planner.model import RATE_LEVELS, PlannerModel, expected_class
 from dosewise.planner.policy import (
     Decoding,
@@ -46,14 +46,14 @@ from dosewise.planner.policy import (
     history_window,
 )
 from dosewise.planner.training import load_planner
-from dosewise.sim.anesthesia_cases import (
+from dosewise.sim.anesthesia.cases import (
     CaseCohort,
     CaseRun,
     CaseSpec,
     sample_cases,
     stimulation,
 )
-from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
+from dosewise.sim.anesthesia.clinician import SimulatedAnesthesiologist
 
 DECISION_MINUTES = (15, 30, 45, 60, 90)
 HELD_OUT_SEED = 300_000  # cohorts of the diagnosis; never a training seed
@@ -413,7 +413,7 @@ def repeat_share(traj) -> float:
 
 
 def imitation(model: PlannerModel, cloner: MLPCloner, states, loop_cases: int, seed: int, spec: CaseSpec) -> dict:
-    from dosewise.sim.anesthesia_cases import run_cases
+    from dosewise.sim.anesthesia.cases import run_cases
 
     policies = {"clinician": lambda cohort: SimulatedAnesthesiologist(cohort, seed + 1, step_s=spec.step_s)}
     for decoding in DECODINGS:

@@ -10,11 +10,12 @@ one thread each. Prints a table and writes JSON.
     python bench/planner_search.py --data cases.parquet [--quick] [--jobs 2] [--json OUT] [--figure PNG]
     python bench/planner_search.py --plot bench/results/planner_search.json --figure docs/figures/planner_search.png
 
-Other training seeds (initialisation and minibatch order; the case split, the held-out patients
-and the clinician stay the same), then the spread across seeds of every policy's mean:
+Training seeds (initialisation and minibatch order; the case split, the held-out patients and
+the clinician stay the same) one run each, then the spread across seeds of every policy's mean,
+with every seed's run inside (the current bench/results/planner_search.json):
 
-    python bench/planner_search.py --data cases.parquet --seed 1 --json bench/results/planner_search_seed1.json
-    python bench/planner_search.py --across bench/results/planner_search.json bench/results/planner_search_seed1.json ...
+    python bench/planner_search.py --data cases.parquet --seed 1 --json runs/planner_search_seed1.json
+    python bench/planner_search.py --across runs/planner_search_seed0.json runs/planner_search_seed1.json ...
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from pathlib import Path
 import torch
 
 from dosewise.config import load_config
-from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
+from dosewise.evaluate.anesthesia.closed_loop import evaluate_policies
+from dosewise.evaluate.anesthesia.strategies import train_one
 from dosewise.planner.beam_search import BeamConfig
-from dosewise.planner.compare import train_one
 from dosewise.planner.config import (
     ClosedLoopConfig,
     PlannerRunConfig,
@@ -43,8 +44,8 @@ from dosewise.planner.config import (
 from dosewise.planner.mcts import MCTSConfig
 from dosewise.planner.policy import PlannerPolicy
 from dosewise.planner.training import load_planner
-from dosewise.sim.anesthesia_cases import CaseSpec
-from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
+from dosewise.sim.anesthesia.cases import CaseSpec
+from dosewise.sim.anesthesia.clinician import SimulatedAnesthesiologist
 
 PRESETS = ("off", "conservative", "balanced", "aggressive")
 # The balanced preset with its margin calibrated to this activation (search.target_activation).
@@ -111,7 +112,8 @@ def plot(result: dict, path: Path) -> None:
 
 def across_seeds(paths: list[Path]) -> dict:
     """Every policy's mean over the held-out cases, per training seed, and their mean and range
-    across seeds (one JSON per seed, from runs that differ only in --seed)."""
+    across seeds (one JSON per seed, from runs that differ only in --seed); "per_seed" holds the
+    runs themselves."""
     results = [json.loads(path.read_text()) for path in paths]
     seeds = [r.get("seed", 0) for r in results]
     if len(set(seeds)) != len(seeds):
@@ -134,7 +136,7 @@ def across_seeds(paths: list[Path]) -> dict:
         rates = [row["activation_rate_last_epoch"] for row in rows]
         entry["activation_rate_last_epoch"] = None if rates[0] is None else rates
         table.append(entry)
-    return {"seeds": seeds, "runs": [str(p) for p in paths], "cases": results[0]["cases"], "rows": table}
+    return {"seeds": seeds, "runs": [str(p) for p in paths], "cases": results[0]["cases"], "rows": table, "per_seed": results}
 
 
 def print_across(summary: dict) -> None:
@@ -151,7 +153,7 @@ def print_across(summary: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plot", type=Path, help="only draw the figure of an earlier run's JSON")
+    parser.add_argument("--plot", type=Path, help="only draw the figure of an earlier run's JSON (of its first seed, across seeds)")
     parser.add_argument("--figure", type=Path, help="also write a PNG of the closed-loop table")
     parser.add_argument("--data", type=Path, help="cases from `dosewise simulate anesthesia`")
     parser.add_argument("--out", type=Path, default=Path("runs/planner_search"))
@@ -175,12 +177,12 @@ def main() -> None:
     if args.across:
         summary = across_seeds(args.across)
         print_across(summary)
-        out = args.json if args.json != parser.get_default("json") else Path("bench/results/planner_search_seeds.json")
-        out.write_text(json.dumps(summary, indent=2))
-        print(f"wrote {out}")
+        args.json.write_text(json.dumps(summary, indent=2))
+        print(f"wrote {args.json}")
         return
     if args.plot:
-        plot(json.loads(args.plot.read_text()), args.figure or args.plot.with_suffix(".png"))
+        result = json.loads(args.plot.read_text())
+        plot(result.get("per_seed", [result])[0], args.figure or args.plot.with_suffix(".png"))  # across seeds: the first seed's run
         return
     if args.data is None:
         parser.error("--data is required (or --plot JSON)")

@@ -74,12 +74,12 @@ def recipe(config: str, seed: int, quick: bool, overrides: list[str] = ()) -> Pl
 
 def evaluate_seed(run_dir: str, n_cases: int, data_seed: int, modes: tuple[str, ...] = MODES) -> dict:
     """Every row of the table on the standard and the shifted held-out cohorts (worker process)."""
-    from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
+    from dosewise.evaluate.anesthesia.closed_loop import evaluate_policies
     from dosewise.planner.policy import planning_modes
     from dosewise.planner.training import load_planner
-    from dosewise.sim.anesthesia_cases import SHIFTED_SPEC, CaseSpec
-    from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
-    from dosewise.sim.anesthesia_pid import DualLoopPID
+    from dosewise.sim.anesthesia.cases import SHIFTED_SPEC, CaseSpec
+    from dosewise.sim.anesthesia.clinician import SimulatedAnesthesiologist
+    from dosewise.sim.anesthesia.pid import DualLoopPID
 
     torch.set_num_threads(1)
     model, run = load_planner(run_dir)
@@ -111,7 +111,7 @@ def finite(summary: dict) -> dict:
 
 
 def train_and_evaluate(seed: int, run_json: str, data: str, out: str, n_cases: int, data_seed: int, modes: tuple[str, ...]) -> dict:
-    from dosewise.planner.compare import train_one
+    from dosewise.evaluate.anesthesia.strategies import train_one
 
     summary = train_one(f"seed {seed}", run_json, data, out)
     evaluated = evaluate_seed(out, n_cases, data_seed, modes)
@@ -200,7 +200,7 @@ def main() -> None:
     if args.plot:
         plot(json.loads(args.plot.read_text()), args.figure or args.plot.with_suffix(".png"))
         return
-    from dosewise.sim.anesthesia_clinician import simulate_cases
+    from dosewise.sim.anesthesia.clinician import simulate_cases
 
     seeds = args.seeds[:1] if args.quick else args.seeds
     n_cases = 12 if args.quick else args.cases

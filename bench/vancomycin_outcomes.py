@@ -22,7 +22,7 @@ from dosewise.algos.trained import TrainedIQL
 from dosewise.algos.training import train_iql
 from dosewise.data.loading import load_table
 from dosewise.data.transitions import build_transitions
-from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
+from dosewise.evaluate.vancomycin.closed_loop import evaluate_vancomycin
 from dosewise.sim.vancomycin_clinician import simulate_dataset
 
 METRICS = ("auc_in_target_frac", "aki_rate", "mean_return")

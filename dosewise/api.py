@@ -7,8 +7,11 @@ what one `dosewise` command runs (the CLI only parses options and prints).
     advice = api.recommend_iql("runs/iql", {"vanco_level": 25.0, ...})        # DoseRecommendation
     page = api.report_iql("runs/iql")                                          # Path of index.html
 
-The anesthesia planner's counterparts live in `dosewise.planner.run` (training from a file) and
-`dosewise.planner.policy` (acting on a case).
+    run = api.resolve_planner_run("planner", "cases.csv")                     # PlannerRunConfig
+    planner = api.train_planner_from_file(run, "cases.csv", "runs/planner")    # PlannerRun
+    table = api.compare_planner_strategies("cases.csv", "runs/strategies")     # dict (comparison.json)
+
+`dosewise.planner.policy.PlannerPolicy` acts on a case history with a trained planner.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from dosewise.algos.trained import TrainedIQL
 from dosewise.config import load_config
 from dosewise.data.loading import DataError, DataReport, load_table
 from dosewise.data.transitions import build_transitions
+from dosewise.evaluate.anesthesia.closed_loop import evaluate_planner_run
+from dosewise.evaluate.anesthesia.strategies import compare_strategies
+from dosewise.planner.config import PlannerRunConfig
+from dosewise.planner.run import resolve_run, train_from_file
+from dosewise.planner.training import PlannerRun
 
 # Outcomes compared member by member in an ensemble's evaluation.
 MEMBER_OUTCOMES = ("auc_in_target_frac", "aki_rate", "mean_return")
@@ -165,8 +173,8 @@ def evaluate_iql(
     """Offline statistics on the training data (default: the file the run records), the learned
     policy (an ensemble: the members' mean) against the clinician on `patients` held-out simulated
     patients, optionally OPE, and with `per_member` every member of an ensemble on the same patients."""
-    from dosewise.evaluate.offline import offline_statistics
-    from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
+    from dosewise.evaluate.vancomycin.closed_loop import evaluate_vancomycin
+    from dosewise.evaluate.vancomycin.offline import offline_statistics
 
     model = TrainedIQL.load(run_dir)
     data_path = Path(data) if data else (Path(model.run_config.data_path) if model.run_config.data_path else None)
@@ -178,7 +186,7 @@ def evaluate_iql(
     closed_loop = evaluate_vancomycin(model.policy_action, patients, seed)
     estimates = None
     if ope:
-        from dosewise.evaluate.ope import evaluate_ope, vancomycin_true_value
+        from dosewise.evaluate.vancomycin.ope import evaluate_ope, vancomycin_true_value
 
         gamma = model.config.gamma
         estimates = evaluate_ope(model.policy_action, transitions, gamma, seed=seed)
@@ -218,9 +226,25 @@ def recommend_iql(run_or_model: str | Path | TrainedIQL, state: Mapping[str, obj
 
 def report_iql(run_dir: str | Path, out: str | Path | None = None, evaluation: str | Path | None = None) -> Path:
     """The HTML analysis report with PNG figures (default folder RUN/report); returns index.html."""
-    from dosewise.evaluate.report import write_report
+    from dosewise.evaluate.vancomycin.report import write_report
 
     return write_report(Path(run_dir), Path(out) if out else None, Path(evaluation) if evaluation else None)
+
+
+def train_planner_from_file(
+    run: PlannerRunConfig, data: str | Path, out: str | Path, show_progress: bool = False, echo: Echo = print
+) -> PlannerRun:
+    """Train the planner on a cases file into `out`, then evaluate it closed loop next to the
+    simulated anesthesiologist (`run.closed_loop`); summary.json holds both."""
+    result = train_from_file(run, data, out, show_progress=show_progress, echo=echo)
+    evaluate_planner_run(result, run, out, echo)
+    return result
+
+
+# The planner's run config (a YAML file or a packaged name, default the `planner` recipe) and the
+# strategy comparison, as the API names them.
+resolve_planner_run = resolve_run
+compare_planner_strategies = compare_strategies
 
 
 def write_table(frame, out: str | Path) -> Path:
@@ -249,7 +273,7 @@ def simulate_vancomycin(out: str | Path, patients: int = 150, seed: int = 0) -> 
 def simulate_anesthesia(out: str | Path, cases: int = 500, seed: int = 0) -> int:
     """Simulated TIVA cases under the simulated anesthesiologist (one row per case per minute,
     VitalDB track names) written to `out`; returns the number of rows."""
-    from dosewise.sim.anesthesia_clinician import simulate_cases
+    from dosewise.sim.anesthesia.clinician import simulate_cases
 
     frame = simulate_cases(cases, seed)
     write_table(frame, out)

@@ -211,9 +211,9 @@ def train_planner_command(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train the anesthesia planner under one training strategy; summary.json holds the final metrics and alarms."""
-    from dosewise.planner.run import resolve_run, train_planner_from_file
+    from dosewise.api import resolve_planner_run, train_planner_from_file
 
-    run = resolve_run(config, data, epochs)
+    run = resolve_planner_run(config, data, epochs)
     result = train_planner_from_file(run, data, out, show_progress=not quiet, echo=console.print)
     final = result.summary["final"]
     console.print(
@@ -268,9 +268,9 @@ def compare_strategies_command(
     seed: Annotated[int | None, typer.Option(help="Override train.seed of every strategy (initialisation, minibatches).")] = None,
 ) -> None:
     """Train joint, warmup, weighted, detach and alternating on the same data and seed; table + figure."""
-    from dosewise.planner.compare import compare_strategies
+    from dosewise.api import compare_planner_strategies
 
-    result = compare_strategies(data, out, config_dir, epochs=epochs, jobs=jobs, echo=console.print, seed=seed)
+    result = compare_planner_strategies(data, out, config_dir, epochs=epochs, jobs=jobs, echo=console.print, seed=seed)
     table = Table(title=f"planner strategies on {data} ({result['wall_time_s'] / 60:.1f} min)", box=box.SIMPLE_HEAD)
     for column in ("strategy", "BIS MAE", "MAP MAE", "reward MAE", "value MAE", "action MAE ppf/rftn", "alarms", "BIS 40-60 %", "MAP<65 %"):
         table.add_column(column)
@@ -319,7 +319,7 @@ def closed_loop_table(result: dict) -> Table:
 
 
 def ope_table(ope: dict) -> Table:
-    from dosewise.evaluate.ope import OPE_ROWS
+    from dosewise.evaluate.vancomycin.ope import OPE_ROWS
 
     table = Table(title="off-policy estimates of the policy's discounted value vs the truth: mean [95 % CI]", box=box.SIMPLE_HEAD)
     table.add_column("estimator")

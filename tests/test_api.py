@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from dosewise import api
 from dosewise.algos.trained import TrainedIQL
 from dosewise.cli import app
-from dosewise.config import ConfigError
+from dosewise.config import ConfigError, save_config
 
 STATE = {"vanco_level": 25.0, "creatinine": 1.1, "wbc": 12.0, "bun": 18.0, "temperature": 38.2, "sbp": 118.0, "heart_rate": 96.0}
 
@@ -65,3 +65,27 @@ def test_recommendation_carries_the_ensemble_and_matches_the_cli(trained):
 def test_a_bad_config_name_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no config of that name"):
         api.resolve_iql_run("no_such_config", tmp_path / "data.csv")
+
+
+def test_planner_training_returns_the_run_with_its_closed_loop(tiny_cases_file, tmp_path):
+    from dosewise.planner.config import ClosedLoopConfig
+    from dosewise.planner.policy import PlannerPolicy
+    from dosewise.planner.training import PlannerRun, load_planner
+    from dosewise.sim.anesthesia.cases import CaseSpec, run_cases, sample_cases
+    from tests.planner.conftest import tiny_run
+
+    config = tmp_path / "planner.yaml"
+    save_config(tiny_run().model_copy(update={"closed_loop": ClosedLoopConfig(cases=2, seed=3, modes=("argmax",))}), config)
+    run = api.resolve_planner_run(config, tiny_cases_file, epochs=1)
+    assert run.train.epochs == 1 and run.data_path == str(tiny_cases_file.resolve())
+    lines = []
+    planner = api.train_planner_from_file(run, tiny_cases_file, tmp_path / "run", echo=lines.append)
+    assert isinstance(planner, PlannerRun) and any("closed loop" in line for line in lines)
+    assert set(planner.summary["closed_loop"]["policies"]) == {"planner_argmax", "simulated_anesthesiologist"}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["closed_loop"] == planner.summary["closed_loop"]
+    # The trained model acts on simulated cases as a policy, and reloads from the run directory.
+    spec = CaseSpec(duration_min=(12, 12))
+    cohort = sample_cases(2, np.random.default_rng(0), spec)
+    model, _ = load_planner(tmp_path / "run")
+    traj = run_cases(cohort, PlannerPolicy(model, "argmax"), 1, spec)
+    assert traj.rates.shape[1:] == (2, 2) and (traj.rates >= 0).all()

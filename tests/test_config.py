@@ -30,7 +30,7 @@ def test_a_name_is_a_packaged_config_and_anything_else_a_file(tmp_path, monkeypa
     import pytest
 
     from dosewise.config import CONFIG_DIR, ConfigError, config_path, packaged_configs
-    from dosewise.planner.compare import strategy_configs
+    from dosewise.evaluate.anesthesia.strategies import strategy_configs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "planner").write_text("not: a config")  # a file named like a packaged config is not read

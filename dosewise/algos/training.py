@@ -121,7 +121,9 @@ def summarize_members(metrics: dict[str, torch.Tensor], seeds: Sequence[int], la
     }
 
 
-def _check_run_dir(out_dir: Path, run: IQLRunConfig, resume: bool, seeds: list[int], labels: list[str]) -> Path | None:
+def _resume_state(out_dir: Path, run: IQLRunConfig, resume: bool, seeds: list[int], labels: list[str]) -> tuple[Path, dict] | None:
+    """The latest checkpoint of `out_dir` and its contents (loaded once) when resuming a run of
+    the same config, data, seeds and members; None for a fresh run into an empty directory."""
     ckpt = latest_checkpoint(out_dir)
     if not resume:
         if ckpt is not None or (out_dir / "model.pt").exists():
@@ -129,19 +131,18 @@ def _check_run_dir(out_dir: Path, run: IQLRunConfig, resume: bool, seeds: list[i
         return None
     if ckpt is None:
         raise TrainingError(f"{out_dir}: no checkpoint to resume from (looked in {out_dir / 'checkpoints'})")
-    saved = load_safe(ckpt, CHECKPOINT_FORMAT)["run_config"]
-    mine = run.model_dump(mode="json")
-    for key in ("data", "iql", "data_path"):
-        if saved[key] != mine[key]:
-            raise TrainingError(f"{ckpt}: saved run used a different {key!r} config; resume with the same config and data")
-    if saved["train"]["seed"] != mine["train"]["seed"]:
-        raise TrainingError(f"{ckpt}: saved run used seed {saved['train']['seed']}, not {mine['train']['seed']}")
     saved = load_safe(ckpt, CHECKPOINT_FORMAT)
+    config, mine = saved["run_config"], run.model_dump(mode="json")
+    for key in ("data", "iql", "data_path"):
+        if config[key] != mine[key]:
+            raise TrainingError(f"{ckpt}: saved run used a different {key!r} config; resume with the same config and data")
+    if config["train"]["seed"] != mine["train"]["seed"]:
+        raise TrainingError(f"{ckpt}: saved run used seed {config['train']['seed']}, not {mine['train']['seed']}")
     if saved["seeds"] != seeds:
         raise TrainingError(f"{ckpt}: saved run trained seeds {saved['seeds']}, not {seeds}; resume with the same --seeds")
     if saved["members"] != labels:
         raise TrainingError(f"{ckpt}: saved run trained members {saved['members']}, not {labels}; resume with the same sweep")
-    return ckpt
+    return ckpt, saved
 
 
 def train_iql(
@@ -167,7 +168,7 @@ def train_iql(
     if not seeds or (member_configs is None and len(set(seeds)) != len(seeds)):
         raise TrainingError(f"ensemble seeds must be distinct and at least one, got {seeds}")
     labels = [f"seed_{s}" for s in seeds] if labels is None else list(labels)
-    ckpt = _check_run_dir(out_dir, run, resume, seeds, labels)
+    resumed = _resume_state(out_dir, run, resume, seeds, labels)
     tc = run.train
 
     normalizer = Normalizer.fit(transitions.observations)
@@ -176,8 +177,8 @@ def train_iql(
     learner = IQL(obs_dim, action_dim, run.iql, seeds=seeds, compile=compile, member_configs=member_configs)
     samplers = [torch.Generator().manual_seed(s) for s in seeds]
     start = 0
-    if ckpt is not None:
-        state = load_safe(ckpt, CHECKPOINT_FORMAT)
+    if resumed is not None:
+        ckpt, state = resumed
         learner.load_state_dict(state["learner"])
         for sampler, saved in zip(samplers, state["sampler"]):
             sampler.set_state(saved.clone())  # a row of the stacked states, as its own tensor

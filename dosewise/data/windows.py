@@ -24,7 +24,7 @@ from dosewise.data.anesthesia import (
     AnesthesiaReward,
 )
 from dosewise.sim.anesthesia import Covariates
-from dosewise.sim.anesthesia_cases import PUMP_CONCENTRATIONS, pump_concentrations
+from dosewise.sim.anesthesia.cases import PUMP_CONCENTRATIONS, pump_concentrations
 
 # Per-step observation in the history: the vitals at the step, the rates set one step before, and
 # the option flag (1 in the induction phase, the first `WindowConfig.induction_s` of the case).

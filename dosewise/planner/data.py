@@ -5,6 +5,7 @@ minibatches by index (no per-window collation)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -20,7 +21,35 @@ from torch.utils.data import (
 
 from dosewise.data.windows import Windows
 
-Batch = dict[str, Tensor]
+
+@dataclass
+class WindowBatch:
+    """Windows as tensors with the first axis W: the model's inputs, the Stage 1 targets and the
+    Stage 2 targets. One record for the whole data set and for each minibatch (not frozen:
+    Lightning moves a batch to its device by setting the fields)."""
+
+    history: Tensor  # [W, L, F] float32
+    history_mask: Tensor  # [W, L] bool, real steps right-aligned
+    static: Tensor  # [W, S] float32
+    actions: Tensor  # [W, K, 2] int64, the clinician's levels at the K unrolled steps
+    target_bis: Tensor  # [W, K] int64, BIS class reached after each step
+    target_map: Tensor  # [W, K] int64, MAP class reached after each step
+    rewards: Tensor  # [W, K] float32
+    values: Tensor  # [W, K] float32, G_{t+k}
+    value_mask: Tensor  # [W, K] bool, where G_{t+k} is defined
+    future_mask: Tensor  # [W, K] bool, where step t+k exists
+
+    def __len__(self) -> int:
+        return self.history.shape[0]
+
+    def rows(self, index: Tensor | slice) -> WindowBatch:
+        """The windows at `index` (positions or a slice), every field alike."""
+        return WindowBatch(*(getattr(self, field.name)[index] for field in fields(self)))
+
+    @property
+    def inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(history, history_mask, static): what the model's representation reads."""
+        return self.history, self.history_mask, self.static
 
 
 def value_targets(windows: Windows, gamma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -40,36 +69,34 @@ def value_targets(windows: Windows, gamma: float) -> tuple[np.ndarray, np.ndarra
     return np.where(mask, values, 0.0).astype(np.float32), mask
 
 
-def window_tensors(windows: Windows, gamma: float) -> Batch:
-    """All arrays the planner trains on, as tensors with the first axis W."""
+def window_tensors(windows: Windows, gamma: float) -> WindowBatch:
+    """All arrays the planner trains on, as one `WindowBatch`."""
     values, value_mask = value_targets(windows, gamma)
-    return {
-        "history": torch.from_numpy(windows.history.astype(np.float32)),  # [W, L, 8]
-        "history_mask": torch.from_numpy(windows.history_mask),  # [W, L] bool
-        "static": torch.from_numpy(windows.static.astype(np.float32)),  # [W, S]
-        "actions": torch.from_numpy(windows.actions.astype(np.int64)),  # [W, K, 2]
-        "target_bis": torch.from_numpy(windows.target_bis.astype(np.int64)),  # [W, K]
-        "target_map": torch.from_numpy(windows.target_map.astype(np.int64)),  # [W, K]
-        "rewards": torch.from_numpy(windows.rewards.astype(np.float32)),  # [W, K]
-        "values": torch.from_numpy(values),  # [W, K] G_{t+k}
-        "value_mask": torch.from_numpy(value_mask),  # [W, K] bool
-        "future_mask": torch.from_numpy(windows.future_mask),  # [W, K] bool
-    }
+    return WindowBatch(
+        history=torch.from_numpy(windows.history.astype(np.float32)),
+        history_mask=torch.from_numpy(windows.history_mask),
+        static=torch.from_numpy(windows.static.astype(np.float32)),
+        actions=torch.from_numpy(windows.actions.astype(np.int64)),
+        target_bis=torch.from_numpy(windows.target_bis.astype(np.int64)),
+        target_map=torch.from_numpy(windows.target_map.astype(np.int64)),
+        rewards=torch.from_numpy(windows.rewards.astype(np.float32)),
+        values=torch.from_numpy(values),
+        value_mask=torch.from_numpy(value_mask),
+        future_mask=torch.from_numpy(windows.future_mask),
+    )
 
 
 class WindowBatches(Dataset):
     """A dataset indexed by lists of window positions: item [i, j, ...] is the whole batch."""
 
-    def __init__(self, tensors: Batch) -> None:
+    def __init__(self, tensors: WindowBatch) -> None:
         self.tensors = tensors
-        self.n = len(next(iter(tensors.values())))
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.tensors)
 
-    def __getitem__(self, index: list[int]) -> Batch:
-        rows = torch.as_tensor(index, dtype=torch.long)
-        return {name: tensor[rows] for name, tensor in self.tensors.items()}
+    def __getitem__(self, index: list[int]) -> WindowBatch:
+        return self.tensors.rows(torch.as_tensor(index, dtype=torch.long))
 
 
 class RepeatedPasses(Sampler[list[int]]):
@@ -88,7 +115,7 @@ class RepeatedPasses(Sampler[list[int]]):
             yield from epoch
 
 
-def batch_loader(tensors: Batch, batch_size: int, shuffle: bool, seed: int = 0, passes: int = 1, per_epoch: int = 0) -> DataLoader:
+def batch_loader(tensors: WindowBatch, batch_size: int, shuffle: bool, seed: int = 0, passes: int = 1, per_epoch: int = 0) -> DataLoader:
     """Minibatches of `batch_size` windows (the last one smaller), shuffled with `seed` per epoch;
     with per_epoch > 0 (and shuffle) each epoch draws that many windows afresh, without
     replacement; with passes > 1 each epoch serves its minibatches that many times over."""

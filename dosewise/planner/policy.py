@@ -1,8 +1,7 @@
 """The trained planner as a closed-loop case policy: turns a `CaseHistory` into the model's input
 window (the same layout as `build_windows`) and returns rates chosen by one of the planning
-modes — the argmax of the policy heads, RL-DITR's beam search, or the batched MCTS — within
-optional dose limits; plus the closed-loop comparison with the simulated anesthesiologist on
-held-out simulated cases."""
+modes — the argmax of the policy heads, beam search, the batched MCTS or MPC — within optional
+dose limits."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
 from dosewise.planner.beam_search import (
     BeamConfig,
     beam_search,
@@ -24,13 +22,7 @@ from dosewise.planner.config import PlannerRunConfig
 from dosewise.planner.model import PlannerModel
 from dosewise.planner.mpc import MPCConfig, mpc_plan
 from dosewise.sim.anesthesia import Covariates
-from dosewise.sim.anesthesia_cases import (
-    CaseCohort,
-    CaseHistory,
-    CaseSpec,
-    pump_concentrations,
-)
-from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist
+from dosewise.sim.anesthesia.cases import CaseHistory, pump_concentrations
 
 PlanningMode = Literal["argmax", "beam", "mcts", "mpc"]
 # How the policy head's 201 levels become one rate in the argmax mode: the most probable level,
@@ -117,7 +109,8 @@ class PlannerPolicy:
         elif self.mode == "beam":
             levels = beam_search(self.model, *inputs, self.beam, allowed).action
         elif self.mode == "mcts":
-            from dosewise.planner.mcts import MCTSConfig, planner_search_fns, search
+            from dosewise.planner.mcts import MCTSConfig, search
+            from dosewise.planner.search_model import planner_search_fns
 
             config = self.mcts or MCTSConfig(max_depth=self.model.pre_len)
             root, recurrent = planner_search_fns(self.model, *inputs, max_depth=config.max_depth)
@@ -160,24 +153,3 @@ def planning_modes(run: PlannerRunConfig) -> dict[str, Callable[[PlannerModel], 
         "mpc": {"mpc": loop.mpc.model_copy(update={"horizon": min(loop.mpc.horizon, run.windows.pre_len)})},
     }
     return {f"planner_{mode}": (lambda model, mode=mode: PlannerPolicy(model, mode, **settings[mode], **common)) for mode in loop.modes}
-
-
-def closed_loop_comparison(
-    model: PlannerModel,
-    n_cases: int,
-    seed: int,
-    spec: CaseSpec | None = None,
-    modes: dict[str, Callable[[PlannerModel], PlannerPolicy]] | None = None,
-    induction_s: float = 600.0,
-) -> dict:
-    """The planner and the simulated anesthesiologist (the behaviour policy) on the same `n_cases`
-    held-out simulated cases (`evaluate_policies`, common random numbers). `modes` maps a name
-    to a policy factory; default: {"planner_argmax": argmax}."""
-    spec = spec or CaseSpec()
-    modes = modes or {"planner_argmax": lambda m: PlannerPolicy(m, induction_s=induction_s, step_s=spec.step_s)}
-
-    def clinician(cohort: CaseCohort) -> SimulatedAnesthesiologist:
-        return SimulatedAnesthesiologist(cohort, seed + 1, step_s=spec.step_s)
-
-    policies = {name: (lambda cohort, make=make: make(model)) for name, make in modes.items()}
-    return evaluate_policies({**policies, "simulated_anesthesiologist": clinician}, n_cases=n_cases, seed=seed, spec=spec)

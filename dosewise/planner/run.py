@@ -1,9 +1,8 @@
-"""`dosewise train planner` as a Python function: config file + cases file -> trained run
-directory with summary.json (final metrics, alarms, closed-loop results)."""
+"""Planner training as a Python function: config + cases file -> trained run directory with
+summary.json (final metrics, alarms). `dosewise.api.train_planner` adds the closed loop."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,15 @@ def resolve_run(config: str | Path | None, data: str | Path, epochs: int | None 
     return run.model_copy(update={"train": PlannerTrainConfig(**train), "data_path": str(Path(data).resolve())})
 
 
-def train_planner_from_file(
+def train_from_file(
     run: PlannerRunConfig,
     data: str | Path,
     out: str | Path,
     show_progress: bool = False,
     echo: Callable[[str], Any] = print,
 ) -> PlannerRun:
-    """Load cases, split by case (train/val; test is kept for later), build windows, train,
-    then run the argmax policy closed-loop next to the simulated anesthesiologist on
-    `run.closed_loop.cases` held-out simulated cases; writes everything into `out`."""
+    """Load cases, split by case (train/val; test is kept for later), build windows and train;
+    writes everything into `out`."""
     if run.data_path is None:
         run = run.model_copy(update={"data_path": str(Path(data).resolve())})
     frame, report = load_cases(data, run.data)
@@ -51,14 +49,4 @@ def train_planner_from_file(
         f"{report.cases} cases -> {len(train)} training / {len(val)} validation windows; "
         f"strategy {run.strategy.name}, {run.train.epochs} epochs -> {out}"
     )
-    result = train_planner(run, train, val, out, show_progress=show_progress)
-    if run.closed_loop.cases:
-        from dosewise.planner.policy import closed_loop_comparison, planning_modes
-
-        loop = run.closed_loop
-        echo(f"closed loop: planner ({', '.join(loop.modes)}) and simulated anesthesiologist on {loop.cases} held-out cases")
-        result.summary["closed_loop"] = closed_loop_comparison(
-            result.model, loop.cases, loop.seed, modes=planning_modes(run), induction_s=run.windows.induction_s
-        )
-        (Path(out) / "summary.json").write_text(json.dumps(result.summary, indent=2))
-    return result
+    return train_planner(run, train, val, out, show_progress=show_progress)

@@ -44,7 +44,7 @@ from dosewise.planner.config import (
     SearchTrainingConfig,
     StrategyConfig,
 )
-from dosewise.planner.data import Batch, batch_loader, window_tensors
+from dosewise.planner.data import WindowBatch, batch_loader, window_tensors
 from dosewise.planner.model import (
     PlannerModel,
     PlannerOutput,
@@ -91,20 +91,20 @@ class PlannerLosses:
         return {**values, "env": values["bis"] + values["map"] + values["reward"] + values["value"]}
 
 
-def stage1_losses(model: PlannerModel, out: PlannerOutput, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def stage1_losses(model: PlannerModel, out: PlannerOutput, batch: WindowBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """BIS, MAP, reward and value losses of the true-action unroll."""
-    future = batch["future_mask"]
-    reward_target = (batch["rewards"] - model.reward_mean) / model.reward_std
-    value_target = (batch["values"] - model.return_mean) / model.return_std
+    future = batch.future_mask
+    reward_target = (batch.rewards - model.reward_mean) / model.reward_std
+    value_target = (batch.values - model.return_mean) / model.return_std
     return (
-        categorical_loss(out.bis_logits, batch["target_bis"], future),
-        categorical_loss(out.map_logits, batch["target_map"], future),
+        categorical_loss(out.bis_logits, batch.target_bis, future),
+        categorical_loss(out.map_logits, batch.target_map, future),
         masked_mean((out.reward - reward_target) ** 2, future),
-        masked_mean((out.value - value_target) ** 2, batch["value_mask"]),
+        masked_mean((out.value - value_target) ** 2, batch.value_mask),
     )
 
 
-def stage2_states(model: PlannerModel, out: PlannerOutput, batch: Batch, strategy: StrategyConfig) -> Tensor:
+def stage2_states(model: PlannerModel, out: PlannerOutput, batch: WindowBatch, strategy: StrategyConfig) -> Tensor:
     """Latent states s_0..s_{K-1} [B, K, d] the policy is trained on. Detached under the detach
     and alternating strategies: the policy loss then reaches the policy network only."""
     detach = strategy.detach_policy
@@ -112,7 +112,7 @@ def stage2_states(model: PlannerModel, out: PlannerOutput, batch: Batch, strateg
         states = out.states[:, :-1]  # teacher forcing: the unroll with the clinician's actions
         return states.detach() if detach else states
     # The forward pass's encoded history: the same function of the parameters as encoding it again.
-    states, _ = model.rollout_policy(out.memory, out.memory_padding, batch["actions"].shape[1], detach_dynamics=detach)
+    states, _ = model.rollout_policy(out.memory, out.memory_padding, batch.actions.shape[1], detach_dynamics=detach)
     return states.detach() if detach else states
 
 
@@ -129,7 +129,7 @@ class SearchTargets:
 @torch.no_grad()
 def search_targets(
     model: PlannerModel,
-    batch: Batch,
+    batch: WindowBatch,
     search: SearchTrainingConfig,
     gamma: float,
     generator: torch.Generator,
@@ -140,15 +140,12 @@ def search_targets(
     """Search from every window's state_0 (one batched MCTS over the whole batch), then gate the
     search's action by the margin over the clinician's (`margin`, default the config's). memory/padding: the encoded history
     when the caller has it (a training step's forward pass), else it is encoded here."""
-    from dosewise.planner.mcts import (
-        MCTSConfig,
-        one_step_q,
-        planner_search_fns_from_memory,
-    )
+    from dosewise.planner.mcts import MCTSConfig, one_step_q
     from dosewise.planner.mcts import search as mcts_search
+    from dosewise.planner.search_model import planner_search_fns_from_memory
 
     if memory is None or padding is None:
-        memory, padding = model.represent(batch["history"], batch["history_mask"], batch["static"])
+        memory, padding = model.represent(batch.history, batch.history_mask, batch.static)
     memory = memory.detach()
     config = MCTSConfig(
         num_simulations=int(search.resolved("num_simulations")),
@@ -164,9 +161,7 @@ def search_targets(
         action = mcts_search(root, recurrent, config, generator=generator).action
         # Q = r + γ·V(s_1) of both actions: one more recurrent call each, from the root, with the
         # history's keys and values the search has projected already.
-        q_mcts, q_expert = (
-            one_step_q(recurrent, root.state, chosen, gamma) / model.return_std for chosen in (action, batch["actions"][:, 0])
-        )
+        q_mcts, q_expert = (one_step_q(recurrent, root.state, chosen, gamma) / model.return_std for chosen in (action, batch.actions[:, 0]))
     action, q_mcts, q_expert = action.clone(), q_mcts.clone(), q_expert.clone()
     margin = float(search.resolved("margin")) if margin is None else margin
     weight = (q_mcts > q_expert + margin).to(q_mcts.dtype)
@@ -174,19 +169,19 @@ def search_targets(
 
 
 # Called with the batch and the forward pass's output; returns the MCTS targets.
-SearchStep = Callable[[Batch, PlannerOutput], SearchTargets]
+SearchStep = Callable[[WindowBatch, PlannerOutput], SearchTargets]
 
 
 def planner_losses(
     model: PlannerModel,
-    batch: Batch,
+    batch: WindowBatch,
     strategy: StrategyConfig,
     search: SearchTrainingConfig | None = None,
     search_step: SearchStep | None = None,
 ) -> tuple[PlannerLosses, PlannerOutput]:
     """Stage 1 and Stage 2 losses of one batch (one forward pass with the true actions); with a
     `search_step`, the policy loss is bc_weight · BC + mcts_weight · mean(w · CE) on its targets."""
-    out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
+    out = model(batch.history, batch.history_mask, batch.static, batch.actions)
     bis, map_, reward, value = stage1_losses(model, out, batch)
     targets = search_step(batch, out) if search_step is not None else None
     logits = model.policy_logits(stage2_states(model, out, batch, strategy))
@@ -194,7 +189,7 @@ def planner_losses(
     return PlannerLosses(bis=bis, map=map_, reward=reward, value=value, policy=policy), out
 
 
-def stage2_loss(logits: Tensor, batch: Batch, search: SearchTrainingConfig | None, targets: SearchTargets | None) -> Tensor:
+def stage2_loss(logits: Tensor, batch: WindowBatch, search: SearchTrainingConfig | None, targets: SearchTargets | None) -> Tensor:
     """BC alone, or λ_bc · BC + λ_mcts · mean over the batch of w · CE(policy at s_0,
     MCTS action) (summed over the two drugs)."""
     bc = behaviour_cloning_loss(logits, batch)
@@ -204,23 +199,23 @@ def stage2_loss(logits: Tensor, batch: Batch, search: SearchTrainingConfig | Non
     return float(search.resolved("bc_weight")) * bc + float(search.resolved("mcts_weight")) * (targets.weight * ce).mean()
 
 
-def behaviour_cloning_loss(logits: Tensor, batch: Batch) -> Tensor:
+def behaviour_cloning_loss(logits: Tensor, batch: WindowBatch) -> Tensor:
     """Cross-entropy of both drugs' policies [B, K, 2, A] against the clinician's actions at every
     real unrolled step, summed over the two drugs."""
-    mask = batch["future_mask"].unsqueeze(-1).expand_as(batch["actions"])
-    return 2.0 * categorical_loss(logits, batch["actions"], mask)
+    mask = batch.future_mask.unsqueeze(-1).expand_as(batch.actions)
+    return 2.0 * categorical_loss(logits, batch.actions, mask)
 
 
 def policy_pass_loss(
     model: PlannerModel,
-    batch: Batch,
+    batch: WindowBatch,
     strategy: StrategyConfig,
     search: SearchTrainingConfig | None = None,
     search_step: SearchStep | None = None,
 ) -> Tensor:
     """Stage 2 alone, on states of the env model as it stands (no gradient reaches it)."""
     with torch.no_grad():
-        out = model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
+        out = model(batch.history, batch.history_mask, batch.static, batch.actions)
         states = stage2_states(model, out, batch, strategy)
         targets = search_step(batch, out) if search_step is not None else None
     return stage2_loss(model.policy_logits(states), batch, search, targets)
@@ -257,19 +252,19 @@ class ValidationAccumulator:
         self.batches = 0
 
     @torch.no_grad()
-    def add(self, model: PlannerModel, out: PlannerOutput, batch: Batch, losses: PlannerLosses) -> None:
-        future, value_mask = batch["future_mask"], batch["value_mask"]
+    def add(self, model: PlannerModel, out: PlannerOutput, batch: WindowBatch, losses: PlannerLosses) -> None:
+        future, value_mask = batch.future_mask, batch.value_mask
         errors = {
-            "bis": ((expected_class(out.bis_logits) - batch["target_bis"]).abs(), future),
-            "map": ((expected_class(out.map_logits) - batch["target_map"]).abs(), future),
-            "reward": ((model.reward_in_units(out.reward) - batch["rewards"]).abs(), future),
-            "value": ((model.value_in_units(out.value) - batch["values"]).abs(), value_mask),
+            "bis": ((expected_class(out.bis_logits) - batch.target_bis).abs(), future),
+            "map": ((expected_class(out.map_logits) - batch.target_map).abs(), future),
+            "reward": ((model.reward_in_units(out.reward) - batch.rewards).abs(), future),
+            "value": ((model.value_in_units(out.value) - batch.values).abs(), value_mask),
         }
         for name, (error, mask) in errors.items():
             self.sums[name] += (error * mask).sum(0).double()
             self.counts[name] += mask.sum(0).double()
         chosen = out.policy_logits[:, 0].argmax(-1)  # [B, 2]
-        self.action_sum += (chosen - batch["actions"][:, 0]).abs().sum(0).double()
+        self.action_sum += (chosen - batch.actions[:, 0]).abs().sum(0).double()
         self.action_count += chosen.shape[0]
         for name, value in losses.as_floats().items():
             self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
@@ -356,7 +351,7 @@ class PlannerModule(pl.LightningModule):
         if run.search.enabled and run.search.target_activation is None:
             self.margin = float(run.search.resolved("margin"))
         # Training windows the margin is calibrated on (`train_planner` sets them), and the result.
-        self.calibration: Batch | None = None
+        self.calibration: WindowBatch | None = None
         self.calibrated: list[dict[str, float]] = []  # per calibration: epoch, margin, windows
         self.activation: list[dict[str, float]] = []  # per epoch: share of windows with weight 1
         self.search_alarms: list[dict[str, Any]] = []
@@ -393,9 +388,9 @@ class PlannerModule(pl.LightningModule):
         ]
         return optimisers, [{"scheduler": s, "interval": "epoch"} for s in schedulers]
 
-    def training_step(self, batch: Batch, batch_idx: int):
+    def training_step(self, batch: WindowBatch, batch_idx: int):
         epoch = self.current_epoch
-        size = batch["history"].shape[0]
+        size = batch.history.shape[0]
         if not self.automatic_optimization:
             if batch_idx < self.batches_per_pass:
                 return self._alternating_env_step(batch, size)
@@ -408,10 +403,10 @@ class PlannerModule(pl.LightningModule):
         self.log("loss/total", loss.detach(), on_step=False, on_epoch=True, batch_size=size)
         return loss
 
-    def _alternating_env_step(self, batch: Batch, size: int) -> None:
+    def _alternating_env_step(self, batch: WindowBatch, size: int) -> None:
         """Alternating, env pass: each epoch first passes over all
         minibatches stepping the env model on the env loss (Stage 1 only) with its own optimiser ..."""
-        out = self.model(batch["history"], batch["history_mask"], batch["static"], batch["actions"])
+        out = self.model(batch.history, batch.history_mask, batch.static, batch.actions)
         stage1 = dict(zip(("bis", "map", "reward", "value"), stage1_losses(self.model, out, batch)))
         env = sum(stage1.values())
         for name, value in {**stage1, "env": env}.items():
@@ -422,7 +417,7 @@ class PlannerModule(pl.LightningModule):
         self._clip(env_opt)
         env_opt.step()
 
-    def _alternating_policy_step(self, batch: Batch, epoch: int, size: int) -> None:
+    def _alternating_policy_step(self, batch: WindowBatch, epoch: int, size: int) -> None:
         """... then over the same minibatches stepping the policy network on the policy loss,
         with states of the env model as it stands (no gradient reaches it)."""
         if not policy_active(self.strategy, epoch):
@@ -436,7 +431,7 @@ class PlannerModule(pl.LightningModule):
         policy_opt.step()
         return
 
-    def _search(self, batch: Batch, out: PlannerOutput) -> SearchTargets:
+    def _search(self, batch: WindowBatch, out: PlannerOutput) -> SearchTargets:
         """MCTS targets for the batch from the forward pass's encoded history (weights kept for
         the epoch's activation rate)."""
         targets = search_targets(
@@ -462,8 +457,8 @@ class PlannerModule(pl.LightningModule):
         self.model.eval()
         generator = torch.Generator().manual_seed(self.run.train.seed + 104729)
         gaps = []
-        for start in range(0, len(self.calibration["history"]), self.run.train.batch_size):
-            batch = {name: t[start : start + self.run.train.batch_size] for name, t in self.calibration.items()}
+        for start in range(0, len(self.calibration), self.run.train.batch_size):
+            batch = self.calibration.rows(slice(start, start + self.run.train.batch_size))
             targets = search_targets(self.model, batch, self.search, self.run.windows.gamma, generator, margin=0.0)
             gaps.append(targets.q_mcts - targets.q_expert)
         self.model.train(was_training)
@@ -517,7 +512,7 @@ class PlannerModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val = ValidationAccumulator(self.run.windows.pre_len)
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+    def validation_step(self, batch: WindowBatch, batch_idx: int) -> None:
         losses, out = planner_losses(self.model, batch, self.strategy)
         self._val.add(self.model, out, batch, losses)
 
@@ -601,7 +596,7 @@ def train_planner(
     if run.search.enabled and run.search.target_activation is not None:
         rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(run.train.seed + 15485863))
         rows = rows[: run.search.calibration_windows]
-        module.calibration = {name: tensor[rows] for name, tensor in train_tensors.items()}
+        module.calibration = train_tensors.rows(rows)
     passes = 2 if run.strategy.name == "alternating" else 1
     train_loader = batch_loader(
         train_tensors,
@@ -652,12 +647,12 @@ def train_planner(
     return PlannerRun(module=module, summary=summary)
 
 
-def constant_baselines(stats: PlannerStats, val: Batch) -> dict[str, float]:
+def constant_baselines(stats: PlannerStats, val: WindowBatch) -> dict[str, float]:
     """Validation MAE of predicting the training mean reward and return everywhere: a value or
     reward head that does no better than these has learned nothing about the state."""
-    future, value_mask = val["future_mask"], val["value_mask"]
-    reward = (val["rewards"] - stats.reward_mean).abs()
-    value = (val["values"] - stats.return_mean).abs()
+    future, value_mask = val.future_mask, val.value_mask
+    reward = (val.rewards - stats.reward_mean).abs()
+    value = (val.values - stats.return_mean).abs()
     return {
         "val_reward_mae": float(masked_mean(reward.double(), future)),
         "val_value_mae": float(masked_mean(value.double(), value_mask)),

@@ -1,5 +1,5 @@
-"""Shared fixtures of the planner tests: a tiny simulated dataset (short cases) cut into
-windows once per session, and a tiny, fast run config."""
+"""Shared fixtures of the planner tests: a tiny, fast run config, a batch and a model over the
+tiny simulated cases of `tests/conftest.py`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from dosewise.data.anesthesia import CANONICAL, load_cases
-from dosewise.data.windows import WindowConfig, Windows, build_windows, split_by_case
 from dosewise.planner.config import (
     ClosedLoopConfig,
     MonitorConfig,
@@ -20,11 +18,7 @@ from dosewise.planner.config import (
 )
 from dosewise.planner.data import window_tensors
 from dosewise.planner.model import PlannerModel, PlannerStats
-from dosewise.sim.anesthesia_cases import CaseSpec
-from dosewise.sim.anesthesia_clinician import simulate_cases
-
-SHORT_CASES = CaseSpec(duration_min=(20.0, 30.0))
-TINY_WINDOWS = WindowConfig(max_len=12, pre_len=3, split=(0.6, 0.4, 0.0), seed=0)
+from tests.conftest import TINY_WINDOWS
 
 
 def tiny_run(strategy: str = "joint", epochs: int = 1, **strategy_fields) -> PlannerRunConfig:
@@ -37,26 +31,6 @@ def tiny_run(strategy: str = "joint", epochs: int = 1, **strategy_fields) -> Pla
         monitor=MonitorConfig(),
         closed_loop=ClosedLoopConfig(cases=0),
     )
-
-
-@pytest.fixture(scope="session")
-def tiny_cases_file(tmp_path_factory):
-    """Six simulated cases of 20-30 minutes, written as `dosewise simulate anesthesia` does."""
-    path = tmp_path_factory.mktemp("planner") / "cases.parquet"
-    simulate_cases(6, seed=0, spec=SHORT_CASES).to_parquet(path, index=False)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_frame(tiny_cases_file):
-    frame, _ = load_cases(tiny_cases_file, CANONICAL)
-    return frame
-
-
-@pytest.fixture(scope="session")
-def tiny_windows(tiny_frame) -> dict[str, Windows]:
-    parts = split_by_case(tiny_frame, TINY_WINDOWS)
-    return {name: build_windows(parts[name], TINY_WINDOWS) for name in ("train", "val")}
 
 
 @pytest.fixture()

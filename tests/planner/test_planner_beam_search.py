@@ -16,7 +16,7 @@ from dosewise.planner.beam_search import (
 
 
 def inputs(batch, rows: int = 4):
-    return batch["history"][:rows], batch["history_mask"][:rows], batch["static"][:rows]
+    return batch.history[:rows], batch.history_mask[:rows], batch.static[:rows]
 
 
 def test_top_joint_actions_are_the_most_probable_pairs():

@@ -23,13 +23,13 @@ def make_model(tiny_windows) -> PlannerModel:
 
 
 def inputs(batch):
-    return batch["history"], batch["history_mask"], batch["static"]
+    return batch.history, batch.history_mask, batch.static
 
 
 def test_output_shapes(tiny_windows, tiny_batch):
     model = make_model(tiny_windows)
-    b, k = tiny_batch["actions"].shape[:2]
-    out = model(*inputs(tiny_batch), tiny_batch["actions"])
+    b, k = tiny_batch.actions.shape[:2]
+    out = model(*inputs(tiny_batch), tiny_batch.actions)
     assert out.policy_logits.shape == (b, k, 2, RATE_LEVELS)
     assert out.value.shape == (b, k)
     assert out.reward.shape == (b, k)
@@ -88,7 +88,7 @@ def test_representation_is_causal(tiny_windows, tiny_batch):
 def test_dynamics_is_causal_and_unrolls_step_by_step(tiny_windows, tiny_batch):
     """s_{j+1} depends on actions 0..j only; unrolling one step at a time equals the parallel unroll."""
     model = make_model(tiny_windows)
-    actions = tiny_batch["actions"]
+    actions = tiny_batch.actions
     with torch.no_grad():
         memory, padding = model.represent(*inputs(tiny_batch))
         full = model.unroll(memory, padding, actions)
@@ -106,7 +106,7 @@ def test_batch_rows_are_independent(tiny_windows, tiny_batch):
     changes a row's predictions."""
     model = make_model(tiny_windows)
     history, mask, static = inputs(tiny_batch)
-    actions = tiny_batch["actions"]
+    actions = tiny_batch.actions
     with torch.no_grad():
         out = model(history, mask, static, actions)
         history2, actions2 = history.clone(), actions.clone()

@@ -18,7 +18,7 @@ from tests.planner.conftest import tiny_run
 
 
 def inputs(batch):
-    return batch["history"], batch["history_mask"], batch["static"]
+    return batch.history, batch.history_mask, batch.static
 
 
 @pytest.mark.parametrize("encoding", ["embedding", "continuous"])
@@ -67,7 +67,7 @@ def test_candidate_menu_centres_on_current_rates_and_respects_limits():
 
 
 def test_current_rates_read_the_last_history_step(tiny_batch):
-    history = tiny_batch["history"].clone()
+    history = tiny_batch.history.clone()
     history[:, -1, PREVIOUS_RATES] = torch.tensor([37.0, 12.0])
     assert current_rates(history).tolist() == [[37, 12]] * history.shape[0]
 
@@ -124,7 +124,7 @@ def test_mpc_horizon_beyond_the_model_is_an_error(tiny_model, tiny_batch):
 
 
 def test_policy_mpc_mode_returns_rates_in_limits(tiny_model, tiny_batch):
-    from dosewise.sim.anesthesia_cases import CaseSpec, run_cases, sample_cases
+    from dosewise.sim.anesthesia.cases import CaseSpec, run_cases, sample_cases
 
     cohort = sample_cases(3, np.random.default_rng(0), CaseSpec(duration_min=(12.0, 12.0)))
     policy = PlannerPolicy(tiny_model, "mpc", max_rate=(60, 30), mpc=MPCConfig(horizon=tiny_model.pre_len))

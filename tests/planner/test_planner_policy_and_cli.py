@@ -18,7 +18,7 @@ from dosewise.data.windows import build_windows, split_by_case
 from dosewise.planner.config import ClosedLoopConfig
 from dosewise.planner.model import PlannerModel
 from dosewise.planner.policy import PlannerPolicy, history_window
-from dosewise.sim.anesthesia_cases import CaseHistory
+from dosewise.sim.anesthesia.cases import CaseHistory
 from tests.planner.conftest import TINY_WINDOWS, tiny_run
 
 

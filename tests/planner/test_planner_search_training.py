@@ -42,8 +42,8 @@ def test_margin_gates_the_search_target(tiny_model, tiny_batch):
     # The Q values are r + γV one model step after each action, in return standard deviations:
     # the search's recurrent calls agree with the module's unroll.
     with torch.no_grad():
-        memory, padding = tiny_model.represent(tiny_batch["history"], tiny_batch["history_mask"], tiny_batch["static"])
-        for action, q in ((loose.action, loose.q_mcts), (tiny_batch["actions"][:, 0], loose.q_expert)):
+        memory, padding = tiny_model.represent(tiny_batch.history, tiny_batch.history_mask, tiny_batch.static)
+        for action, q in ((loose.action, loose.q_mcts), (tiny_batch.actions[:, 0], loose.q_expert)):
             reached = tiny_model.unroll(memory, padding, action.unsqueeze(1))[:, 0]
             reward = tiny_model.reward_in_units(tiny_model.reward(reached))
             expected = (reward + 0.9 * tiny_model.value_in_units(tiny_model.value(reached))) / tiny_model.return_std
@@ -54,7 +54,7 @@ def test_margin_gates_the_search_target(tiny_model, tiny_batch):
 
 def test_stage2_loss_adds_the_weighted_cross_entropy(tiny_batch):
     torch.manual_seed(1)
-    b, k = tiny_batch["actions"].shape[:2]
+    b, k = tiny_batch.actions.shape[:2]
     logits = torch.randn(b, k, 2, 201)
     action = torch.randint(0, 201, (b, 2))
     weight = (torch.arange(b) % 3 == 0).float()

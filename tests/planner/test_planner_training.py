@@ -5,6 +5,7 @@ the value targets and the rebound alarm do what they say."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_tiny_run_lowers_all_losses_and_reloads_identically(tiny_windows, tmp_pa
     reloaded, config = load_planner(tmp_path)
     assert config == run.model_copy()
     batch = window_tensors(tiny_windows["val"], run.windows.gamma)
-    args = (batch["history"], batch["history_mask"], batch["static"], batch["actions"])
+    args = (batch.history, batch.history_mask, batch.static, batch.actions)
     with torch.no_grad():
         original, again = result.model.eval()(*args), reloaded(*args)
     for name in ("policy_logits", "value", "reward", "bis_logits", "map_logits", "states"):
@@ -138,8 +139,8 @@ def test_alternating_policy_pass_reaches_the_policy_network_only(tiny_windows, t
 
 def test_alternating_epoch_serves_the_same_minibatches_twice(tiny_windows):
     tensors = window_tensors(tiny_windows["train"], 0.9)
-    once = [b["actions"] for b in batch_loader(tensors, 16, shuffle=True, seed=3)]
-    twice = [b["actions"] for b in batch_loader(tensors, 16, shuffle=True, seed=3, passes=2)]
+    once = [b.actions for b in batch_loader(tensors, 16, shuffle=True, seed=3)]
+    twice = [b.actions for b in batch_loader(tensors, 16, shuffle=True, seed=3, passes=2)]
     assert len(twice) == 2 * len(once)
     for first, second, single in zip(twice[: len(once)], twice[len(once) :], once):
         assert torch.equal(first, second) and torch.equal(first, single)
@@ -147,9 +148,9 @@ def test_alternating_epoch_serves_the_same_minibatches_twice(tiny_windows):
 
 def test_windows_per_epoch_draws_a_fresh_subset_each_epoch(tiny_windows):
     tensors = window_tensors(tiny_windows["train"], 0.9)
-    tensors = {**tensors, "row": torch.arange(len(tiny_windows["train"]))}
-    loader = batch_loader(tensors, 8, shuffle=True, seed=1, per_epoch=20)
-    epochs = [torch.cat([b["row"] for b in loader]) for _ in range(2)]
+    rows = torch.arange(len(tensors), dtype=torch.float32)[:, None].expand_as(tensors.values)
+    loader = batch_loader(replace(tensors, values=rows), 8, shuffle=True, seed=1, per_epoch=20)  # each window's row number
+    epochs = [torch.cat([b.values[:, 0].long() for b in loader]) for _ in range(2)]
     for rows in epochs:
         assert len(rows) == 20 and len(set(rows.tolist())) == 20  # without replacement
     assert not torch.equal(epochs[0], epochs[1])

@@ -48,7 +48,7 @@ def bis(ce_propofol: np.ndarray, ce_remifentanil: np.ndarray, p: BISParams) -> n
 class HemoParams:
     """MAP and cardiac-output model of PAS: baselines plus one Hill term per drug.
 
-    Why cases recalibrate MAP (``dosewise.sim.anesthesia_cases``): with these defaults MAP falls to
+    Why cases recalibrate MAP (``dosewise.sim.anesthesia.cases``): with these defaults MAP falls to
     ~48 mmHg at a normal depth. One reason is the propofol MAP Emax, which PAS computes as
     Emax_DAP + (Emax_SAP + Emax_DAP) / 3 = 42.4 mmHg where the MAP of a SAP/DAP pair would be
     Emax_DAP + (Emax_SAP - Emax_DAP) / 3 = 30.3 mmHg. Kept as PAS has it, to match PAS.

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dosewise.sim.anesthesia_cases import (
+from dosewise.sim.anesthesia.cases import (
     MAX_RATE_ML_H,
     CaseSpec,
     case_hemodynamics,
@@ -12,8 +12,8 @@ from dosewise.sim.anesthesia_cases import (
     sample_cases,
     stimulation,
 )
-from dosewise.sim.anesthesia_clinician import SimulatedAnesthesiologist, simulate_cases
-from dosewise.sim.anesthesia_pid import DualLoopPID
+from dosewise.sim.anesthesia.clinician import SimulatedAnesthesiologist, simulate_cases
+from dosewise.sim.anesthesia.pid import DualLoopPID
 
 COLUMNS = ["case_id", "time", "BIS", "MAP", "SBP", "DBP", "HR", "PPF20_RATE", "RFTN20_RATE", "age", "sex", "height", "weight", "asa"]
 SHORT = CaseSpec(duration_min=(20.0, 40.0))
@@ -88,7 +88,7 @@ def test_anesthesiologist_induces_titrates_and_stays_in_pump_range():
 
 
 def test_pid_keeps_bis_in_band_more_than_the_anesthesiologist():
-    from dosewise.evaluate.anesthesia_closed_loop import evaluate_policies
+    from dosewise.evaluate.anesthesia.closed_loop import evaluate_policies
 
     result = evaluate_policies(
         {"clinician": lambda c: SimulatedAnesthesiologist(c, 1), "pid": DualLoopPID},
@@ -115,7 +115,7 @@ def test_dataset_columns_and_reproducibility():
 
 
 def test_a_clone_continues_exactly_as_the_original():
-    from dosewise.sim.anesthesia_cases import CaseRun
+    from dosewise.sim.anesthesia.cases import CaseRun
 
     cohort = sample_cases(4, np.random.default_rng(8), SHORT)
     original = CaseRun(cohort, seed=3, spec=SHORT)
@@ -145,7 +145,7 @@ def test_a_clone_continues_exactly_as_the_original():
 
 
 def test_shifted_cohort_is_old_obese_and_more_sensitive():
-    from dosewise.sim.anesthesia_cases import SHIFTED_SPEC
+    from dosewise.sim.anesthesia.cases import SHIFTED_SPEC
 
     spec = CaseSpec(**{**SHIFTED_SPEC.__dict__, "duration_min": (20.0, 20.0)})
     shifted = sample_cases(200, np.random.default_rng(9), spec)
@@ -164,7 +164,7 @@ def test_pump_concentrations_are_the_population_patient_of_the_simulator():
     """The pump's concentrations are the simulator's typical patient (no variability) under the same
     rates, step by step, from a drug-free start."""
     from dosewise.sim.anesthesia import AnesthesiaSimulator
-    from dosewise.sim.anesthesia_cases import (
+    from dosewise.sim.anesthesia.cases import (
         PUMP_CONCENTRATIONS,
         propofol_mg_s,
         pump_concentrations,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dosewise.sim.anesthesia_cases import MAX_RATE_ML_H, CaseCohort, CaseHistory
+from dosewise.sim.anesthesia.cases import MAX_RATE_ML_H, CaseCohort, CaseHistory
 
 
 @dataclass(frozen=True)

@@ -59,13 +59,18 @@ def train_one(name: str, run_json: str, data: str, out: str) -> dict[str, Any]:
     """One training run in a worker process, one thread; returns its summary (JSON-able)."""
     import torch
 
-    from dosewise.planner.run import train_planner_from_file
+    from dosewise.evaluate.anesthesia.closed_loop import evaluate_planner_run
+    from dosewise.planner.run import train_from_file
 
     torch.set_num_threads(1)
     run = PlannerRunConfig.model_validate_json(run_json)
     started = time.perf_counter()
-    result = train_planner_from_file(run, data, out, echo=lambda line: print(f"[{name}] {line}", flush=True))
-    return {**result.summary, "total_time_s": time.perf_counter() - started}
+
+    def echo(line: str) -> None:
+        print(f"[{name}] {line}", flush=True)
+
+    summary = evaluate_planner_run(train_from_file(run, data, out, echo=echo), run, out, echo)
+    return {**summary, "total_time_s": time.perf_counter() - started}
 
 
 def compare_strategies(

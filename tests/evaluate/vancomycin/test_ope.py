@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dosewise.data.transitions import Transitions
-from dosewise.evaluate.ope import (
+from dosewise.evaluate.vancomycin.ope import (
     BehaviourModel,
     Episodes,
     OPEConfig,

@@ -1,8 +1,8 @@
 import pytest
 
 from dosewise.checkpoint import CheckpointError
-from dosewise.evaluate.report import write_report
-from dosewise.evaluate.vancomycin_closed_loop import evaluate_vancomycin
+from dosewise.evaluate.vancomycin.closed_loop import evaluate_vancomycin
+from dosewise.evaluate.vancomycin.report import write_report
 
 FIGURES = ("training_curves", "q_v_distributions", "q_curves", "sensitivity", "policy_vs_clinician", "trajectories")
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from dosewise.evaluate.stats import bootstrap_indices
-from dosewise.evaluate.vancomycin_closed_loop import (
+from dosewise.evaluate.vancomycin.closed_loop import (
     PatientOutcomes,
     evaluate_vancomycin,
     summarize,

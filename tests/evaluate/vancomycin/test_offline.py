@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from dosewise.data.transitions import Transitions
-from dosewise.evaluate.offline import discounted_episode_returns
+from dosewise.evaluate.vancomycin.offline import discounted_episode_returns
 
 
 def test_monte_carlo_return_is_discounted_per_patient_from_the_first_row():

@@ -8,13 +8,19 @@ metrics of Ionescu et al. 2008 (IEEE TBME 55:2161) as PAS computes them.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dosewise.evaluate.stats import bootstrap_ci, bootstrap_indices
-from dosewise.sim.anesthesia_cases import (
+from dosewise.planner.config import PlannerRunConfig
+from dosewise.planner.model import PlannerModel
+from dosewise.planner.policy import PlannerPolicy, planning_modes
+from dosewise.sim.anesthesia.cases import (
     PROPOFOL_MG_PER_ML,
     REMIFENTANIL_UG_PER_ML,
     CaseCohort,
@@ -24,6 +30,10 @@ from dosewise.sim.anesthesia_cases import (
     run_cases,
     sample_cases,
 )
+from dosewise.sim.anesthesia.clinician import SimulatedAnesthesiologist
+
+if TYPE_CHECKING:
+    from dosewise.planner.training import PlannerRun
 
 INDUCTION_S = 600  # the first 10 minutes are induction; maintenance metrics start after them
 N_BOOTSTRAP = 2000
@@ -95,3 +105,39 @@ def evaluate_policies(
         traj = run_cases(cohort, factory(cohort), sim_seed, spec)
         results[name] = summarize(case_metrics(traj, cohort), seed)
     return {"cases": n_cases, "seed": seed, "policies": results}
+
+
+def closed_loop_comparison(
+    model: PlannerModel,
+    n_cases: int,
+    seed: int,
+    spec: CaseSpec | None = None,
+    modes: dict[str, Callable[[PlannerModel], PlannerPolicy]] | None = None,
+    induction_s: float = 600.0,
+) -> dict:
+    """The planner and the simulated anesthesiologist (the behaviour policy) on the same `n_cases`
+    held-out simulated cases (`evaluate_policies`, common random numbers). `modes` maps a name
+    to a policy factory; default: {"planner_argmax": argmax}."""
+    spec = spec or CaseSpec()
+    modes = modes or {"planner_argmax": lambda m: PlannerPolicy(m, induction_s=induction_s, step_s=spec.step_s)}
+
+    def clinician(cohort: CaseCohort) -> SimulatedAnesthesiologist:
+        return SimulatedAnesthesiologist(cohort, seed + 1, step_s=spec.step_s)
+
+    policies = {name: (lambda cohort, make=make: make(model)) for name, make in modes.items()}
+    return evaluate_policies({**policies, "simulated_anesthesiologist": clinician}, n_cases=n_cases, seed=seed, spec=spec)
+
+
+def evaluate_planner_run(result: PlannerRun, run: PlannerRunConfig, out: str | Path, echo: Callable[[str], Any] = print) -> dict:
+    """The trained planner in the modes of `run.closed_loop` next to the simulated anesthesiologist
+    on `run.closed_loop.cases` held-out simulated cases, added to the run's summary (and its
+    summary.json in `out`) as "closed_loop"; nothing with `cases: 0`."""
+    loop = run.closed_loop
+    if not loop.cases:
+        return result.summary
+    echo(f"closed loop: planner ({', '.join(loop.modes)}) and simulated anesthesiologist on {loop.cases} held-out cases")
+    result.summary["closed_loop"] = closed_loop_comparison(
+        result.model, loop.cases, loop.seed, modes=planning_modes(run), induction_s=run.windows.induction_s
+    )
+    (Path(out) / "summary.json").write_text(json.dumps(result.summary, indent=2))
+    return result.summary

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from dosewise.evaluate.anesthesia_closed_loop import case_metrics
-from dosewise.sim.anesthesia_cases import CaseTrajectories, sample_cases
+from dosewise.evaluate.anesthesia.closed_loop import case_metrics
+from dosewise.sim.anesthesia.cases import CaseTrajectories, sample_cases
 
 
 def test_metrics_on_a_hand_made_case():
@@ -28,7 +28,7 @@ def test_metrics_on_a_hand_made_case():
 
 
 def test_performance_errors_of_varvel():
-    from dosewise.evaluate.anesthesia_closed_loop import performance_errors
+    from dosewise.evaluate.anesthesia.closed_loop import performance_errors
 
     # Case 0: BIS 40, 50, 60, 70 -> PE -20, 0, 20, 40: MDPE 10, MDAPE 20, wobble median(|-30|, 10, 10, 30) = 20.
     # Case 1: always 55 -> PE 10 everywhere: MDPE = MDAPE = 10, wobble 0; its last second is masked out.

@@ -188,7 +188,7 @@ def plot_trajectories(model: TrainedIQL, out_dir: Path, seed: int) -> Figure:
 def _ope_section(result: dict | None) -> str:
     if not result or "ope" not in result:
         return "<p>No off-policy evaluation in this run's evaluation JSON (run <code>dosewise evaluate --ope</code>).</p>"
-    from dosewise.evaluate.ope import OPE_ROWS
+    from dosewise.evaluate.vancomycin.ope import OPE_ROWS
 
     ope = result["ope"]
     rows = "".join(

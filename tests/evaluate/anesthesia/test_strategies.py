@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dosewise.cli import app
 from dosewise.config import ConfigError, load_config, save_config
-from dosewise.planner.compare import compare_strategies, strategy_configs
+from dosewise.evaluate.anesthesia.strategies import compare_strategies, strategy_configs
 from dosewise.planner.config import (
     STRATEGIES,
     ClosedLoopConfig,
