@@ -24,10 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dosewise.algos.config import IQLRunConfig, TrainConfig
-from dosewise.algos.recommend import Recommendation, recommend
+from dosewise.algos.recommend import Recommendation, recommend, require_finite
 from dosewise.algos.trained import TrainedIQL
-from dosewise.config import load_config
+from dosewise.checkpoint import write_json_atomic
+from dosewise.config import ConfigError, config_path, load_config
+from dosewise.data.anesthesia import CaseReport, load_cases
+from dosewise.data.kinds import DATA_KINDS, DATA_PRESETS, anesthesia_preset, detect_kind, file_columns
 from dosewise.data.loading import DataError, DataReport, load_table
 from dosewise.data.transitions import build_transitions
 from dosewise.evaluate.anesthesia.closed_loop import evaluate_planner_run
@@ -209,18 +214,28 @@ def evaluate_iql(
     return IQLEvaluation(offline=offline, closed_loop=closed_loop, ope=estimates, ensemble=ensemble)
 
 
-def recommend_iql(run_or_model: str | Path | TrainedIQL, state: Mapping[str, object]) -> DoseRecommendation:
+def recommend_iql(
+    run_or_model: str | Path | TrainedIQL, state: Mapping[str, object], *, allow_out_of_range: bool = False
+) -> DoseRecommendation:
     """The dose recommendation for one patient state {feature: value} (every feature of the
     model, raw clinical units): the policy mean, the critic's greedy action and Q-curve, the
-    ensemble's spread, and warnings (out-of-range features, a greedy action far from the policy)."""
+    ensemble's spread, and warnings (outside the training range, a greedy action far from the policy).
+
+    A value outside its physiological range (`dosewise.data.schema.PHYSIOLOGICAL_BOUNDS`) is a
+    StateError unless `allow_out_of_range`, which records each such value in `overrides`; a
+    non-finite model output is a StateError too."""
     model = run_or_model if isinstance(run_or_model, TrainedIQL) else TrainedIQL.load(run_or_model)
-    rec = recommend(model, state)
+    rec = recommend(model, state, allow_out_of_range=allow_out_of_range)
     obs = [[rec.state[name] for name in model.feature_names]]
+    member_actions = model.policy_members(obs)[:, 0]
+    spread = model.policy_spread(obs)[0]
+    require_finite("member policy actions", member_actions)
+    require_finite("policy spread", spread)
     return DoseRecommendation(
         **{name: getattr(rec, name) for name in Recommendation.__dataclass_fields__},
         members=model.members,
-        policy_action_sd=float(model.policy_spread(obs)[0]),
-        member_actions=[float(a) for a in model.policy_members(obs)[:, 0]],
+        policy_action_sd=float(spread),
+        member_actions=[float(a) for a in member_actions],
     )
 
 
@@ -280,11 +295,56 @@ def simulate_anesthesia(out: str | Path, cases: int = 500, seed: int = 0) -> int
     return len(frame)
 
 
-def inspect_data(path: str | Path, config: str | Path | None = None) -> DataReport:
-    """Validate a vancomycin dosing file (columns mapped by the `data:` section of `config`) and
-    report rows, drops per column, patients and feature ranges."""
-    data = load_config(config, IQLRunConfig).data if config else IQLRunConfig().data
-    return load_table(path, data)[1]
+def inspect_data(
+    path: str | Path,
+    config: str | Path | None = None,
+    kind: str | None = None,
+    data_preset: str | None = None,
+) -> DataReport | CaseReport:
+    """Validate a dosing file and return its load report: a DataReport for a vancomycin table
+    (rows, drops per column, patients, feature ranges), a CaseReport for anesthesia series (rows,
+    cases kept and dropped with reasons, carried-forward values, masked artefacts, duplicates,
+    reordered rows). `kind`, when not given, follows `config` (`algo: planner`: anesthesia) or
+    else the columns (a `patient_id` column: vancomycin; `case_id` or VitalDB's `caseid`:
+    anesthesia). The columns come from the `data:`
+    section of `config` (an IQL or planner run config), or for anesthesia from `data_preset`
+    (`canonical` or `vitaldb`, detected from the columns when neither is given)."""
+    if kind is not None and kind not in DATA_KINDS:
+        raise ConfigError(f"unknown data kind '{kind}'; expected one of: {', '.join(DATA_KINDS)}")
+    if data_preset is not None and data_preset not in DATA_PRESETS:
+        raise ConfigError(f"unknown data preset '{data_preset}'; expected one of: {', '.join(DATA_PRESETS)}")
+    if data_preset is not None and config is not None:
+        raise ConfigError("give either a config or a data preset, not both: both say how the columns are named")
+    if data_preset is not None and kind == "vancomycin":
+        raise ConfigError(f"data preset '{data_preset}' names anesthesia columns; vancomycin columns come from a config")
+    if kind is None and data_preset is not None:
+        kind = "anesthesia"
+    columns: list[str] | None = None
+    if kind is None and config is not None:
+        kind = _config_kind(config)
+    if kind is None:
+        columns = file_columns(path)
+        kind = detect_kind(path, columns)
+    if kind == "vancomycin":
+        data = load_config(config, IQLRunConfig).data if config else IQLRunConfig().data
+        return load_table(path, data)[1]
+    if config is not None:
+        anesthesia = load_config(config, PlannerRunConfig).data
+    elif data_preset is not None:
+        anesthesia = DATA_PRESETS[data_preset]
+    else:
+        anesthesia = anesthesia_preset(columns if columns is not None else file_columns(path))
+    return load_cases(path, anesthesia)[1]
+
+
+def _config_kind(config: str | Path) -> str:
+    """A run config's kind of data: a planner config (`algo: planner`) reads anesthesia series, any
+    other one a vancomycin table; an unreadable config is left to `load_config` to report."""
+    try:
+        raw = yaml.safe_load(config_path(config).read_text())
+    except (OSError, yaml.YAMLError, ConfigError):
+        return "vancomycin"
+    return "anesthesia" if isinstance(raw, dict) and raw.get("algo") == "planner" else "vancomycin"
 
 
 def run_demo(
@@ -310,7 +370,7 @@ def run_demo(
     train_iql(run, build_transitions(frame, run.data), out / "iql")
     evaluation = evaluate_iql(out / "iql", eval_patients, seed=1000 + seed, ope=True)
     evaluation_path = out / "evaluation.json"
-    evaluation_path.write_text(json.dumps(evaluation.to_dict(), indent=2))
+    write_json_atomic(evaluation.to_dict(), evaluation_path)
     page = report_iql(out / "iql", out / "report", evaluation_path)
     return DemoResult(data_path, out / "iql", report, evaluation, evaluation_path, page)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -13,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from dosewise.algos.recommend import StateError
-from dosewise.checkpoint import CheckpointError
+from dosewise.checkpoint import CheckpointError, IntegrityWarning, WriteError, write_json_atomic
 from dosewise.config import ConfigError
+from dosewise.data.anesthesia import CaseReport
 from dosewise.data.loading import DataError, DataReport
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, help=__doc__)
@@ -43,15 +45,29 @@ errors = Console(stderr=True)
 
 
 def friendly_errors(command):
-    """Bad input ends with one clear line on stderr and exit code 2, never a traceback."""
+    """Bad input, and a file that cannot be written (full disk, read-only or missing folder, no
+    permission), end with one clear line on stderr and exit code 2, never a traceback; integrity
+    warnings (an unverified run, a skipped damaged checkpoint) are one line each."""
     from dosewise.algos.training import TrainingError
+
+    def show(message, category, filename, lineno, file=None, line=None, default=warnings.showwarning):
+        if issubclass(category, IntegrityWarning):
+            errors.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        else:
+            default(message, category, filename, lineno, file, line)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = show
+                return command(*args, **kwargs)
         except (DataError, ConfigError, CheckpointError, TrainingError, StateError) as err:
             errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as err:  # a WriteError reads "cannot write FILE: reason"; others name their file
+            text = str(err) if isinstance(err, WriteError) else f"{err.filename}: {err.strerror}" if err.filename else str(err)
+            errors.print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -89,10 +105,12 @@ def simulate_anesthesia(
 # -- data ---------------------------------------------------------------------------------------
 
 
-def report_table(report: DataReport) -> Table:
+def report_table(report: DataReport | CaseReport) -> Table:
     table = Table(title=f"data report: {report.path}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
+    if isinstance(report, CaseReport):
+        return _case_report_rows(table, report)
     for key in ("rows_total", "rows_dropped_nan", "rows_valid", "patients", "transitions", "reward_source"):
         table.add_row(key, str(getattr(report, key)))
     for column, count in report.dropped_nan_by_column.items():
@@ -103,6 +121,28 @@ def report_table(report: DataReport) -> Table:
     return table
 
 
+def _case_report_rows(table: Table, report: CaseReport) -> Table:
+    """An anesthesia load report: where the rows went, what was repaired, which cases were dropped and why."""
+    for key in ("rows_total", "rows_used", "rows_superseded", "rows_trimmed", "rows_in_dropped_cases", "rows_duplicate"):
+        table.add_row(key, str(getattr(report, key)))
+    table.add_row("rows_reordered", str(report.rows_reordered))
+    table.add_row("cases", str(report.cases))
+    table.add_row("steps (rows after resampling)", str(report.rows_after_resampling))
+    table.add_row("steps_trimmed", str(report.steps_trimmed))
+    for title, counts in (
+        ("carried forward", report.values_carried_forward),
+        ("artefacts masked", report.artefacts_masked),
+        ("rates rounded", report.rates_rounded),
+    ):
+        for name, count in counts.items():
+            if count:
+                table.add_row(f"  {title}: {name}", str(count))
+    table.add_row("cases_dropped", str(len(report.cases_dropped)))
+    for case, reason in report.cases_dropped.items():
+        table.add_row(f"  dropped: case {case}", reason)
+    return table
+
+
 @data_app.command("inspect")
 @friendly_errors
 def data_inspect(
@@ -110,14 +150,20 @@ def data_inspect(
     config: Annotated[
         Path | None, typer.Option(help="Run config (a packaged config name or a YAML path) whose `data:` section maps the columns.")
     ] = None,
+    kind: Annotated[
+        str | None, typer.Option(help="vancomycin or anesthesia (default: anesthesia for a planner --config, else from the columns).")
+    ] = None,
+    data_preset: Annotated[
+        str | None, typer.Option(help="Anesthesia column names: canonical or vitaldb (default: detected from the columns).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Validate a dosing file and report rows, drops, patients and feature ranges."""
+    """Validate a dosing file and report what was read, repaired and dropped (vancomycin tables or anesthesia series)."""
     from dosewise.api import inspect_data
 
-    report = inspect_data(path, config)
+    report = inspect_data(path, config, kind=kind, data_preset=data_preset)
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:
         console.print(report_table(report))
 
@@ -361,8 +407,7 @@ def evaluate_command(
     from dosewise.api import evaluate_iql
 
     evaluation = evaluate_iql(run, patients, seed, data, per_member=per_member, ope=ope)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(evaluation.to_dict(), indent=2))
+    write_json_atomic(evaluation.to_dict(), out)
     print_evaluation(evaluation)
     console.print(f"wrote {out}")
 
@@ -405,17 +450,26 @@ def recommend_command(
     run: Annotated[Path, typer.Option(help="Run directory or model.pt.")],
     state: Annotated[list[str], typer.Option(help="Feature value as name=value; repeat for every feature.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the recommendation as JSON.")] = False,
+    allow_out_of_range: Annotated[
+        bool,
+        typer.Option(
+            "--allow-out-of-range",
+            help="Recommend even for values outside their physiological range (listed as overrides in the output).",
+        ),
+    ] = False,
 ) -> None:
     """Dose recommendation for one patient state."""
-    from dosewise.algos.recommend import parse_state
+    from dosewise.algos.recommend import describe_override, parse_state
     from dosewise.algos.trained import TrainedIQL
     from dosewise.api import recommend_iql
 
     model = TrainedIQL.load(run)
-    rec = recommend_iql(model, parse_state(state, model.feature_names))
+    rec = recommend_iql(model, parse_state(state, model.feature_names, allow_out_of_range), allow_out_of_range=allow_out_of_range)
     if as_json:
-        print(json.dumps(rec.to_dict(), indent=2))
+        print(json.dumps(rec.to_dict(), indent=2, allow_nan=False))  # strict JSON: NaN was refused above
         return
+    for item in rec.overrides:
+        console.print(f"[red]override:[/] {describe_override(item)}; recommended anyway (--allow-out-of-range)")
     uncertainty = f" +- {rec.policy_action_sd:.3f} (sd over {rec.members} members)" if rec.members > 1 else ""
     console.print(f"policy action (recommended): [bold]{rec.policy_action:+.3f}[/]{uncertainty}   Q = {rec.q_value:.3f}")
     console.print(f"greedy action (argmax Q):    {rec.greedy_action:+.3f}   Q = {rec.greedy_q_value:.3f}")

@@ -52,5 +52,8 @@ def load_config(path: str | Path, model: type[Model]) -> Model:
         raise ConfigError(f"{path}: {problems}") from None
 
 
-def save_config(config: BaseModel, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+def save_config(config: BaseModel, path: str | Path, run_dir: str | Path | None = None) -> Path:
+    """The config as YAML, written atomically (and recorded in `run_dir`'s manifest.json when given)."""
+    from dosewise.checkpoint import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), run_dir)

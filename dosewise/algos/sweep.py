@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.iql import SWEEPABLE, IQLConfig
 from dosewise.algos.training import MODEL_FORMAT, TrainingError, train_iql
-from dosewise.checkpoint import load_safe, save_atomic
+from dosewise.checkpoint import load_safe, make_dir, new_manifest, save_atomic, write_json_atomic
 from dosewise.config import ConfigError, save_config
 from dosewise.data.transitions import Transitions
 
@@ -125,9 +125,9 @@ def train_sweep(
         for k, i in enumerate(members):  # one ordinary single-model run per point
             config, seed = points[i]
             point_run = run.model_copy(update={"iql": config, "train": TrainConfig(**{**run.train.model_dump(), "seed": seed})})
-            point_dir = out_dir / names[i]
-            point_dir.mkdir(parents=True, exist_ok=True)
-            save_config(point_run, point_dir / "config.yaml")
+            point_dir = make_dir(out_dir / names[i])
+            new_manifest(point_dir)  # rewritten whole: the point's files are this sweep's
+            save_config(point_run, point_dir / "config.yaml", run_dir=point_dir)
             save_atomic(
                 {
                     **bundle,
@@ -137,6 +137,7 @@ def train_sweep(
                     "networks": {key: value[k : k + 1].clone() for key, value in learner.nets.state_dict().items()},
                 },
                 point_dir / "model.pt",
+                run_dir=point_dir,
             )
             results.append(
                 {
@@ -159,7 +160,7 @@ def train_sweep(
             }
         )
     report = {"points": results, "summary": summary}
-    (out_dir / "sweep.json").write_text(json.dumps(report, indent=2, default=list))
+    write_json_atomic(report, out_dir / "sweep.json", default=list)
     return report
 
 

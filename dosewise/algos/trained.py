@@ -18,7 +18,7 @@ import torch
 from dosewise.algos.config import IQLRunConfig
 from dosewise.algos.iql import IQLConfig, Networks
 from dosewise.algos.training import MODEL_FORMAT
-from dosewise.checkpoint import CheckpointError, load_safe
+from dosewise.checkpoint import CheckpointError, load_safe, verify_manifest
 from dosewise.data.transitions import Normalizer
 
 ACTION_GRID_SIZE = 101  # greedy actions are chosen on this many evenly spaced points of [low, high]
@@ -40,12 +40,14 @@ class TrainedIQL:
             self.nets.load_state_dict(bundle["networks"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{source}: model file is incomplete or does not match its config ({err})") from None
+        _require_finite(bundle, source)
         self.nets.eval()
 
     @classmethod
     def load(cls, run_or_model: str | Path) -> TrainedIQL:
         """Load ``DIR/model.pt`` (given a run directory) or a model file."""
         path = Path(run_or_model)
+        verify_manifest(path)  # model.pt and config.yaml against the run's manifest.json
         if path.is_dir():
             path = path / "model.pt"
             if not path.exists():
@@ -110,3 +112,30 @@ class TrainedIQL:
     def greedy_action(self, obs: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
         grid = self.action_grid() if grid is None else np.asarray(grid, dtype=np.float32)
         return grid[self.q_curve(obs, grid).argmax(axis=1)]
+
+
+def _require_finite(bundle: dict, source: str) -> None:
+    """A NaN or inf anywhere in the weights, normaliser or ranges poisons every answer, so such a model is refused."""
+    numbers: list[tuple[str, object]] = [(f"tensor '{name}'", value) for name, value in _tensors(bundle["networks"])]
+    numbers += [(f"normaliser '{key}'", bundle["normalizer"][key]) for key in ("mean", "std")]
+    numbers += [(f"feature range of '{name}'", bounds) for name, bounds in bundle["feature_ranges"].items()]
+    numbers.append(("action bounds", bundle["action_bounds"]))
+    for label, value in numbers:
+        if isinstance(value, torch.Tensor):
+            bad = int((~torch.isfinite(value)).sum()) if value.is_floating_point() else 0
+        else:
+            bad = int((~np.isfinite(np.asarray(value, dtype=np.float64))).sum())
+        if bad:
+            noun = "value" if bad == 1 else "values"
+            raise CheckpointError(f"{source}: {label} has {bad} non-finite {noun}; the model cannot be used")
+
+
+def _tensors(state: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted name, value) of every entry of a possibly nested state dict."""
+    found: list[tuple[str, object]] = []
+    for name, value in state.items():
+        if isinstance(value, dict):
+            found += _tensors(value, f"{prefix}{name}.")
+        else:
+            found.append((f"{prefix}{name}", value))
+    return found

@@ -2,7 +2,10 @@
 
 A run directory holds ``config.yaml`` (the resolved config), ``tb/`` (TensorBoard),
 ``checkpoints/step_XXXXXX.pt`` (resumable: networks, optimisers, sampler state) and
-``model.pt`` (the inference bundle: networks, normalisation, feature ranges). A resumed run
+``model.pt`` (the inference bundle: networks, normalisation, feature ranges) and
+``manifest.json`` (the SHA-256 of config.yaml, every checkpoint and model.pt; see
+`dosewise.checkpoint`). Resume takes the newest checkpoint that matches the manifest and loads,
+skipping (with a warning) any newer one a crash or the disk damaged. A resumed run
 replays the same minibatches from the saved sampler state, so it ends with exactly the weights
 of an uninterrupted run.
 
@@ -14,9 +17,9 @@ with its own initialisation and minibatch stream, so member k is the run with se
 
 from __future__ import annotations
 
-import json
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +36,18 @@ from rich.progress import (
 
 from dosewise.algos.config import IQLRunConfig
 from dosewise.algos.iql import IQL, Batch, IQLConfig
-from dosewise.checkpoint import CheckpointError, load_safe, save_atomic
+from dosewise.checkpoint import (
+    CheckpointError,
+    IntegrityWarning,
+    load_safe,
+    make_dir,
+    manifest_problem,
+    new_manifest,
+    read_manifest,
+    remove_stale_temp_files,
+    save_atomic,
+    write_json_atomic,
+)
 from dosewise.config import save_config
 from dosewise.data.transitions import Normalizer, Transitions
 
@@ -50,9 +64,49 @@ def checkpoint_path(out_dir: Path, step: int) -> Path:
     return out_dir / "checkpoints" / f"step_{step:06d}.pt"
 
 
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The run's checkpoint files, oldest step first."""
+    found = [(int(m[1]), p) for p in (Path(out_dir) / "checkpoints").glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((out_dir / "checkpoints").glob("step_*.pt"), key=lambda p: int(re.findall(r"\d+", p.stem)[0]))
+    found = checkpoints(out_dir)
     return found[-1] if found else None
+
+
+def intact_checkpoint(out_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that matches manifest.json and loads, and its contents; None when there
+    is no checkpoint. Every newer, damaged one (truncated, bit-flipped, not a zip, not in the
+    manifest) is skipped with an IntegrityWarning naming it and the one used instead."""
+    found = checkpoints(out_dir)
+    if not found:
+        return None
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        warnings.warn(
+            f"{out_dir}: no manifest.json to check the checkpoints against (runs trained by earlier dosewise versions have none); "
+            "resuming from the newest one that loads",
+            IntegrityWarning,
+            stacklevel=3,
+        )
+    damaged: list[str] = []
+    for ckpt in reversed(found):
+        problem = None if manifest is None else manifest_problem(manifest, out_dir, ckpt)
+        if problem is not None:
+            damaged.append(f"{ckpt}: {problem}")
+            continue
+        try:
+            saved = load_safe(ckpt, CHECKPOINT_FORMAT)
+        except CheckpointError as err:
+            damaged.append(str(err))
+            continue
+        for reason in damaged:
+            warnings.warn(
+                f"skipped damaged checkpoint {reason}; resuming from {ckpt} (step {saved['step']})", IntegrityWarning, stacklevel=3
+            )
+        return ckpt, saved
+    raise TrainingError(f"{out_dir}: no intact checkpoint to resume from; " + "; ".join(damaged))
 
 
 def data_tensors(transitions: Transitions, normalizer: Normalizer) -> Batch:
@@ -122,16 +176,16 @@ def summarize_members(metrics: dict[str, torch.Tensor], seeds: Sequence[int], la
 
 
 def _resume_state(out_dir: Path, run: IQLRunConfig, resume: bool, seeds: list[int], labels: list[str]) -> tuple[Path, dict] | None:
-    """The latest checkpoint of `out_dir` and its contents (loaded once) when resuming a run of
-    the same config, data, seeds and members; None for a fresh run into an empty directory."""
-    ckpt = latest_checkpoint(out_dir)
+    """The newest intact checkpoint of `out_dir` and its contents (loaded once) when resuming a run
+    of the same config, data, seeds and members; None for a fresh run into an empty directory."""
     if not resume:
-        if ckpt is not None or (out_dir / "model.pt").exists():
+        if latest_checkpoint(out_dir) is not None or (out_dir / "model.pt").exists():
             raise TrainingError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
         return None
-    if ckpt is None:
+    found = intact_checkpoint(out_dir)
+    if found is None:
         raise TrainingError(f"{out_dir}: no checkpoint to resume from (looked in {out_dir / 'checkpoints'})")
-    saved = load_safe(ckpt, CHECKPOINT_FORMAT)
+    ckpt, saved = found
     config, mine = saved["run_config"], run.model_dump(mode="json")
     for key in ("data", "iql", "data_path"):
         if config[key] != mine[key]:
@@ -162,8 +216,7 @@ def train_iql(
     the update through torch.compile (faster steps, up to ~30 s to compile; see `IQL`).
     ``member_configs`` and ``labels`` are a sweep's (`dosewise.algos.sweep`): a config and a
     name per member; seeds may then repeat."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(out_dir)
     seeds = [run.train.seed] if seeds is None else [int(s) for s in seeds]
     if not seeds or (member_configs is None and len(set(seeds)) != len(seeds)):
         raise TrainingError(f"ensemble seeds must be distinct and at least one, got {seeds}")
@@ -185,7 +238,12 @@ def train_iql(
         start = int(state["step"])
         if start > tc.steps:
             raise TrainingError(f"{ckpt} is at step {start}, past the requested {tc.steps} steps")
-    save_config(run, out_dir / "config.yaml")  # only once the run is sure to start
+    # Only once the run is sure to start: what a killed writer left is removed, a fresh run starts
+    # its own manifest, and config.yaml is the first file in it.
+    remove_stale_temp_files(out_dir, out_dir / "checkpoints")
+    if resumed is None:
+        new_manifest(out_dir)
+    save_config(run, out_dir / "config.yaml", run_dir=out_dir)
 
     from torch.utils.tensorboard import (
         SummaryWriter,  # imported late: it is slow to import
@@ -237,6 +295,7 @@ def train_iql(
                             "sampler": torch.stack([g.get_state() for g in samplers]),
                         },
                         checkpoint_path(out_dir, step),
+                        run_dir=out_dir,
                     )
                 progress.advance(task)
     finally:
@@ -244,8 +303,8 @@ def train_iql(
         torch.set_num_threads(threads_before)
     if metrics:  # a run resumed at its last step takes no step and keeps its losses.json
         member_labels = None if member_configs is None else labels
-        (out_dir / "losses.json").write_text(json.dumps(summarize_members(metrics, seeds, member_labels), indent=2))
-    save_atomic(model_bundle(learner, run, transitions, normalizer, tc.steps), out_dir / "model.pt")
+        write_json_atomic(summarize_members(metrics, seeds, member_labels), out_dir / "losses.json")
+    save_atomic(model_bundle(learner, run, transitions, normalizer, tc.steps), out_dir / "model.pt", run_dir=out_dir)
     return learner
 
 
@@ -254,7 +313,9 @@ __all__ = [
     "MODEL_FORMAT",
     "CheckpointError",
     "TrainingError",
+    "checkpoints",
     "data_tensors",
+    "intact_checkpoint",
     "latest_checkpoint",
     "sample",
     "train_iql",

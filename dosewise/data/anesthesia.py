@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dosewise.data.loading import DataError, _RawTable, _read
+from dosewise.data.loading import DataError, _RawTable, read_table
 
 # Canonical column names of a loaded frame.
 CASE_ID = "case_id"
@@ -32,6 +32,20 @@ RATE_MAX = 200
 # Text values accepted in the sex column (VitalDB's clinical table writes M/F).
 SEX_CODES = {"M": "1", "F": "0"}
 SEX_EXPECTED = "1 (male) or 0 (female), or M/F"
+
+# Physiological bounds of the vitals, (low, high]: a value at or below low or above high cannot come
+# from a living patient under anesthesia and is an artefact (BIS 0: electrode off or signal lost;
+# a pressure of 0: a closed transducer; 300 mmHg: an arterial-line flush). Such values are masked
+# as missing, counted, and then follow the gap rules. Configurable per vital (`vital_bounds`).
+VITAL_BOUNDS: dict[str, tuple[float, float]] = {
+    "BIS": (0.0, 100.0),
+    "MAP": (0.0, 250.0),
+    "SBP": (0.0, 250.0),
+    "DBP": (0.0, 250.0),
+    "HR": (0.0, 250.0),
+}
+# Largest magnitude a value may have: the windows hold float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Slack (in steps) when assigning a time to its step, so a time a rounding error below a step
 # boundary (119.99999999999999 s with 60 s steps) still opens the new step.
@@ -56,6 +70,15 @@ class AnesthesiaDataConfig(BaseModel):
     # Longest run of steps without a vital sign that is filled by carrying the last value forward;
     # a longer run drops the case. Raise to keep more cases, lower to trust fewer stale values.
     max_gap_steps: int = 5
+    # Vital (BIS, MAP, SBP, DBP, HR) -> (low, high): values <= low or > high are masked as missing
+    # artefacts and counted; all five required, finite, low < high. Defaults: VITAL_BOUNDS.
+    vital_bounds: dict[str, tuple[float, float]] = Field(default_factory=lambda: dict(VITAL_BOUNDS))
+    # Longest time between consecutive samples of a case, in seconds; a longer jump (typically one
+    # time in another unit, e.g. epoch milliseconds among seconds) drops the case with its lines named.
+    # Together with step_s it bounds the resampled grid: at most max_time_gap_s / step_s steps per row.
+    max_time_gap_s: float = 3600.0
+    # Longest case, first to last sample, in seconds; a longer case is dropped with its reason.
+    max_case_duration_s: float = 86400.0
 
     @model_validator(mode="after")
     def _check_consistent(self) -> AnesthesiaDataConfig:
@@ -70,6 +93,23 @@ class AnesthesiaDataConfig(BaseModel):
             raise ValueError(f"step_s must be positive, got {self.step_s}")
         if self.max_gap_steps < 0:
             raise ValueError(f"max_gap_steps must be >= 0, got {self.max_gap_steps}")
+        if set(self.vital_bounds) != set(VITALS):
+            absent = [name for name in VITALS if name not in self.vital_bounds]
+            unknown = [name for name in self.vital_bounds if name not in VITALS]
+            raise ValueError(
+                f"vital_bounds must give (low, high) for exactly {', '.join(VITALS)}; missing: {absent or 'none'}, unknown: {unknown or 'none'}"
+            )
+        for name, (low, high) in self.vital_bounds.items():
+            if not (np.isfinite(low) and np.isfinite(high) and low < high):
+                raise ValueError(f"vital_bounds.{name} must be finite (low, high) with low < high, got ({low}, {high})")
+        if not self.step_s <= self.max_time_gap_s <= self.max_case_duration_s:
+            raise ValueError(
+                f"need step_s <= max_time_gap_s <= max_case_duration_s, got {self.step_s}, {self.max_time_gap_s}, {self.max_case_duration_s}"
+            )
+        if self.max_case_duration_s / self.step_s > 1e7:
+            raise ValueError(
+                f"max_case_duration_s / step_s must be at most 1e7 steps per case, got {self.max_case_duration_s / self.step_s:g}"
+            )
         columns = self.file_columns()
         repeated = sorted({name for name in columns if columns.count(name) > 1})
         if repeated:
@@ -127,6 +167,21 @@ class CaseReport:
     rates_rounded: dict[str, int]
     # Steps cut at a case's start (before every track was recorded) or end (after a vital stopped).
     steps_trimmed: int
+    # Vital -> values outside its `vital_bounds`, masked as missing (then carried forward or dropping the case).
+    artefacts_masked: dict[str, int]
+    # Case id -> values masked in that case (cases with at least one).
+    artefacts_by_case: dict[str, int]
+    # Where every data row went; the five add up to rows_total:
+    # rows repeating an earlier row in every read column (dropped, the first kept),
+    rows_duplicate: int
+    # rows of a dropped case,
+    rows_in_dropped_cases: int
+    # rows of a kept case whose step was trimmed,
+    rows_trimmed: int
+    # rows of a kept step none of whose values the step took (a later sample of the step replaced them, or all were missing),
+    rows_superseded: int
+    # rows that gave at least one value to a returned step.
+    rows_used: int
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +194,13 @@ class CaseReport:
             "rows_reordered": int(self.rows_reordered),
             "rates_rounded": {name: int(count) for name, count in self.rates_rounded.items()},
             "steps_trimmed": int(self.steps_trimmed),
+            "artefacts_masked": {name: int(count) for name, count in self.artefacts_masked.items()},
+            "artefacts_by_case": {case: int(count) for case, count in self.artefacts_by_case.items()},
+            "rows_duplicate": int(self.rows_duplicate),
+            "rows_in_dropped_cases": int(self.rows_in_dropped_cases),
+            "rows_trimmed": int(self.rows_trimmed),
+            "rows_superseded": int(self.rows_superseded),
+            "rows_used": int(self.rows_used),
         }
 
 
@@ -204,10 +266,15 @@ def load_cases(path: str | Path, config: AnesthesiaDataConfig) -> tuple[pd.DataF
     last recorded setting (a pump holds its rate until it is changed, so a step without a rate
     record keeps the previous one). A vital missing for up to `max_gap_steps` consecutive steps
     is carried forward; a longer run drops the case. Steps before every track has been recorded
-    once, or after the first vital to stop, are trimmed. All of it is counted in the report.
-    Raises DataError for anything that cannot be trusted.
+    once, or after the first vital to stop, are trimmed. A vital outside `vital_bounds` is masked
+    as missing first; an exact repeat of a row is dropped; a case whose times jump by more than
+    `max_time_gap_s` or span more than `max_case_duration_s` is dropped before any step is counted,
+    so memory is bounded by the rows. All of it is counted in the report, and every row lands in
+    one of rows_used, rows_superseded, rows_trimmed, rows_in_dropped_cases and rows_duplicate.
+    Raises DataError for anything that cannot be trusted (a non-number, inf, NaN text or a value
+    float32 cannot hold, a rate outside 0..RATE_MAX, conflicting rows, changing covariates).
     """
-    raw = _read(Path(path))
+    raw = read_table(Path(path))
     _require_columns(raw, config)
     if len(raw.frame) == 0:
         raise DataError(f"{raw.path}: no data rows: the file has a header but no data rows")
@@ -218,8 +285,14 @@ def load_cases(path: str | Path, config: AnesthesiaDataConfig) -> tuple[pd.DataF
     cases = case_labels.astype(str).to_numpy(dtype=object)
     _check_sex_codes(raw, config, cases, numbers["sex"])
     _check_rate_bounds(raw, config, cases, numbers)
-    _check_unique_times(raw, config, cases, numbers[TIME])
+    # A row repeating an earlier one in every read column carries no new information: drop it, count it.
+    duplicate = pd.DataFrame({"case": cases, **numbers}).duplicated(keep="first").to_numpy()
+    _check_unique_times(raw, config, cases, numbers[TIME], duplicate)
     _check_constant_covariates(raw, config, cases, numbers)
+    distinct = np.flatnonzero(~duplicate)
+    cases, positions = cases[distinct], raw.positions[distinct]
+    numbers = {name: values[distinct] for name, values in numbers.items()}
+    masked = _mask_artefacts(numbers, config)
 
     # Sort by (case, time); count the rows whose place within their case changed.
     rows = pd.DataFrame({"case": cases, "time": numbers[TIME], "row": np.arange(len(cases))})
@@ -236,9 +309,14 @@ def load_cases(path: str | Path, config: AnesthesiaDataConfig) -> tuple[pd.DataF
         numbers[name] = rounded
 
     case_codes, case_names = pd.factorize(cases[order], sort=True)
+    times = numbers[TIME][order]
+    time_reasons = _time_outliers(case_codes, times, positions[order], raw.unit, config)
+    # A dropped case's rows all go into its first step, so an outlying time never sizes the grid.
+    first_time = pd.Series(times).groupby(case_codes).transform("first").to_numpy()
+    times = np.where(np.isin(case_codes, list(time_reasons)), first_time, times)
     grid = _resample(
         case_codes,
-        numbers[TIME][order],
+        times,
         np.column_stack([numbers[name][order] for name in TRACKS]),
         len(case_names),
         config,
@@ -251,12 +329,14 @@ def load_cases(path: str | Path, config: AnesthesiaDataConfig) -> tuple[pd.DataF
         .to_numpy(np.float64)
     )
 
-    reasons = _drop_reasons(grid, covariates, case_names, config)
+    reasons = dict(time_reasons)
+    for code, reason in _drop_reasons(grid, covariates, case_names, config).items():
+        reasons.setdefault(code, reason)
     kept_case = np.ones(len(case_names), dtype=bool)
     kept_case[list(reasons)] = False
     keep = grid.in_span & kept_case[grid.case]
     if not keep.any():
-        listed = "; ".join(f"case '{case_names[code]}': {reason}" for code, reason in list(reasons.items())[:5])
+        listed = "; ".join(f"case '{case_names[code]}': {reasons[code]}" for code in sorted(reasons)[:5])
         more = f" (and {len(reasons) - 5} more)" if len(reasons) > 5 else ""
         raise DataError(f"{raw.path}: no usable case: all {len(case_names)} cases were dropped: {listed}{more}")
 
@@ -272,6 +352,9 @@ def load_cases(path: str | Path, config: AnesthesiaDataConfig) -> tuple[pd.DataF
             **{name: covariates[case_of_step, j] for j, name in enumerate(COVARIATES)},
         }
     )
+    masked_by_case = pd.Series(masked.sum(axis=1)).groupby(cases).sum()
+    row_kept_case = kept_case[case_codes]
+    row_kept_step = keep[grid.row_step]
     report = CaseReport(
         path=raw.path,
         rows_total=len(raw.frame),
@@ -282,6 +365,13 @@ def load_cases(path: str | Path, config: AnesthesiaDataConfig) -> tuple[pd.DataF
         rows_reordered=rows_reordered,
         rates_rounded=rates_rounded,
         steps_trimmed=int((~grid.in_span & kept_case[grid.case]).sum()),
+        artefacts_masked={name: int(masked[:, j].sum()) for j, name in enumerate(VITALS)},
+        artefacts_by_case={str(case): int(count) for case, count in masked_by_case[masked_by_case > 0].items()},
+        rows_duplicate=int(duplicate.sum()),
+        rows_in_dropped_cases=int((~row_kept_case).sum()),
+        rows_trimmed=int((row_kept_case & ~row_kept_step).sum()),
+        rows_superseded=int((row_kept_step & ~grid.row_gives_value).sum()),
+        rows_used=int((row_kept_step & grid.row_gives_value).sum()),
     )
     return frame, report
 
@@ -298,15 +388,26 @@ class _Grid:
     next_observed: np.ndarray  # [G, len(TRACKS)] int64, first step >= this one with a sample; G if none in the case
     first_observed: np.ndarray  # [C, len(TRACKS)] int64, first step of the case with a sample; G if none
     in_span: np.ndarray  # [G] bool, after every track has been recorded and before any vital stops
+    row_step: np.ndarray  # [N] int64, the step (index into G) of each input row
+    row_gives_value: np.ndarray  # [N] bool, the row holds a value its step takes (the step's last non-missing, per track)
 
 
 def _resample(case_codes: np.ndarray, times: np.ndarray, values: np.ndarray, n_cases: int, config: AnesthesiaDataConfig) -> _Grid:
-    """Bin rows sorted by (case, time) into decision steps; returns the full grid of every case."""
+    """Bin rows sorted by (case, time) into decision steps; returns the full grid of every case.
+
+    The caller has collapsed cases with an outlying time (`_time_outliers`), so every case spans at
+    most max_case_duration_s and each row adds at most max_time_gap_s / step_s steps: the grid is
+    bounded by the rows, whatever the times say."""
     first_row = np.flatnonzero(np.r_[True, case_codes[1:] != case_codes[:-1]])
     case_t0 = times[first_row]
     step = np.floor((times - case_t0[case_codes]) / config.step_s + _BIN_TOLERANCE).astype(np.int64)
-    # Last non-missing value per (case, step), per track (groupby.last skips NaN).
-    binned = pd.DataFrame(values).groupby([case_codes, step], sort=True).last()
+    # Last non-missing value per (case, step), per track (groupby.last skips NaN), and the row it came from.
+    row = np.arange(len(times), dtype=np.float64)[:, None]
+    both = pd.DataFrame(np.hstack([values, np.where(np.isnan(values), np.nan, row)])).groupby([case_codes, step], sort=True).last()
+    binned = both.iloc[:, : len(TRACKS)]
+    giver = both.iloc[:, len(TRACKS) :].to_numpy(np.float64)
+    row_gives_value = np.zeros(len(times), dtype=bool)
+    row_gives_value[giver[~np.isnan(giver)].astype(np.int64)] = True
     bin_case = binned.index.get_level_values(0).to_numpy(np.int64)
     bin_step = binned.index.get_level_values(1).to_numpy(np.int64)
 
@@ -333,7 +434,48 @@ def _resample(case_codes: np.ndarray, times: np.ndarray, values: np.ndarray, n_c
     span_start = first_observed.max(axis=1)
     span_end = last_in_case[:, : len(VITALS)].min(axis=1)
     in_span = (position >= span_start[case]) & (position <= span_end[case])
-    return _Grid(case, grid_times, grid_values, observed, last_observed, next_observed, first_observed, in_span)
+    row_step = case_start[case_codes] + step
+    return _Grid(case, grid_times, grid_values, observed, last_observed, next_observed, first_observed, in_span, row_step, row_gives_value)
+
+
+def _time_outliers(
+    case_codes: np.ndarray, times: np.ndarray, positions: np.ndarray, unit: str, config: AnesthesiaDataConfig
+) -> dict[int, str]:
+    """Case code -> why its times cannot be trusted: a jump between consecutive samples longer than
+    max_time_gap_s (named by its two lines), or a span longer than max_case_duration_s. Checked in
+    float64 before any step is counted, so an outlier never sizes an allocation."""
+    reasons: dict[int, str] = {}
+    gap = np.diff(times)
+    same_case = case_codes[1:] == case_codes[:-1]
+    for at in np.flatnonzero(same_case & (gap > config.max_time_gap_s)):
+        reasons.setdefault(
+            int(case_codes[at]),
+            f"time jumps from {times[at]:g} s ({unit} {positions[at]}) to {times[at + 1]:g} s ({unit} {positions[at + 1]}), "
+            f"more than max_time_gap_s={config.max_time_gap_s:g} s between consecutive samples; is one time in another unit "
+            "(e.g. milliseconds)?",
+        )
+    first_row = np.flatnonzero(np.r_[True, ~same_case])
+    last_row = np.r_[first_row[1:] - 1, len(times) - 1]
+    for first, last in zip(first_row, last_row):
+        span = times[last] - times[first]
+        if span > config.max_case_duration_s:
+            reasons.setdefault(
+                int(case_codes[first]),
+                f"the case spans {span:g} s ({unit}s {positions[first]} to {positions[last]}), "
+                f"more than max_case_duration_s={config.max_case_duration_s:g} s",
+            )
+    return reasons
+
+
+def _mask_artefacts(numbers: dict[str, np.ndarray], config: AnesthesiaDataConfig) -> np.ndarray:
+    """Set vitals outside their `vital_bounds` to missing, in place; returns the [rows, vitals] mask of what was set."""
+    masked = np.zeros((len(numbers[TIME]), len(VITALS)), dtype=bool)
+    for j, name in enumerate(VITALS):
+        low, high = config.vital_bounds[name]
+        values = numbers[name]
+        masked[:, j] = ~np.isnan(values) & ((values <= low) | (values > high))
+        numbers[name] = np.where(masked[:, j], np.nan, values)
+    return masked
 
 
 def _drop_reasons(grid: _Grid, covariates: np.ndarray, case_names: pd.Index, config: AnesthesiaDataConfig) -> dict[int, str]:
@@ -416,7 +558,7 @@ def _parse_numbers(raw: _RawTable, config: AnesthesiaDataConfig, cases: pd.Serie
         missing = column.isna().to_numpy()
         if not text:
             missing = missing | np.isnan(values)  # a NaN stored in a numeric Parquet column is missing too
-        bad = np.flatnonzero(~missing & ~np.isfinite(values))
+        bad = np.flatnonzero(~missing & ~(np.abs(values) <= FLOAT32_MAX))  # also NaN, inf and what float32 cannot hold
         if bad.size:
             first_bad.append((int(bad[0]), order, name, column_name))
             bad_total += bad.size
@@ -425,7 +567,12 @@ def _parse_numbers(raw: _RawTable, config: AnesthesiaDataConfig, cases: pd.Serie
     if first_bad:
         index, _, name, column_name = min(first_bad)
         others = f" ({bad_total - 1} more invalid values in this file)" if bad_total > 1 else ""
-        expected = SEX_EXPECTED if name == "sex" else "a finite number"
+        if name == "sex":
+            expected = SEX_EXPECTED
+        elif np.isfinite(numbers[name][index]):
+            expected = f"a number of magnitude at most {FLOAT32_MAX:.6g} (float32)"
+        else:
+            expected = "a finite number"
         raise DataError(
             f"{raw.where(index)} ({_case_label(cases, index)}): column {_label(name, column_name)} has value "
             f"'{raw.frame[column_name].iloc[index]}'; expected {expected}{others}"
@@ -468,9 +615,11 @@ def _check_rate_bounds(raw: _RawTable, config: AnesthesiaDataConfig, cases: np.n
         )
 
 
-def _check_unique_times(raw: _RawTable, config: AnesthesiaDataConfig, cases: np.ndarray, times: np.ndarray) -> None:
-    keys = pd.DataFrame({"case": cases, "time": times})
-    repeated = np.flatnonzero(keys.duplicated(["case", "time"], keep=False).to_numpy())
+def _check_unique_times(raw: _RawTable, config: AnesthesiaDataConfig, cases: np.ndarray, times: np.ndarray, duplicate: np.ndarray) -> None:
+    """Two distinct rows (not exact repeats, which are dropped) may not share a (case, time)."""
+    candidates = np.flatnonzero(~duplicate)
+    keys = pd.DataFrame({"case": cases[candidates], "time": times[candidates]})
+    repeated = candidates[keys.duplicated(["case", "time"], keep=False).to_numpy()]
     if repeated.size:
         first = repeated[0]
         partner = repeated[(cases[repeated] == cases[first]) & (times[repeated] == times[first])][1]

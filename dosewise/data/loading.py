@@ -19,6 +19,9 @@ ACCEPTED_SUFFIXES = (".csv", ".parquet")
 TARGET_LEVEL_LOW = 10.0
 TARGET_LEVEL_HIGH = 20.0
 
+# Largest magnitude a number may have: the model trains in float32, where anything larger is inf.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class DataError(ValueError):
     """Bad input data; the message is the complete text shown to the user."""
@@ -38,6 +41,8 @@ class DataReport:
     feature_ranges: dict[str, tuple[float, float]]
     action_range: tuple[float, float]
     reward_source: str
+    # Lines with every cell empty; skipped, so rows_valid + rows_dropped_nan + rows_blank = data rows in the file.
+    rows_blank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +56,7 @@ class DataReport:
             "feature_ranges": {name: {"min": float(low), "max": float(high)} for name, (low, high) in self.feature_ranges.items()},
             "action_range": {"min": float(self.action_range[0]), "max": float(self.action_range[1])},
             "reward_source": self.reward_source,
+            "rows_blank": int(self.rows_blank),
         }
 
 
@@ -64,6 +70,8 @@ class _RawTable:
     positions: np.ndarray
     # "line" for CSV, "row" for Parquet.
     unit: str
+    # Rows with every cell empty, removed from `frame` (blank CSV lines).
+    blank_rows: int = 0
 
     def where(self, index: int) -> str:
         return f"{self.path} {self.unit} {self.positions[index]}"
@@ -77,7 +85,7 @@ def load_table(path: str | Path, config: DataConfig) -> tuple[pd.DataFrame, Data
     number), named as in `config`, plus a report of what was read and dropped.
     Raises DataError for anything that cannot be trusted.
     """
-    raw = _read(Path(path))
+    raw = read_table(Path(path))
     _require_columns(raw, config)
     has_reward_column = config.reward in raw.frame.columns
     if not has_reward_column:
@@ -124,6 +132,7 @@ def load_table(path: str | Path, config: DataConfig) -> tuple[pd.DataFrame, Data
         feature_ranges={name: (float(frame[name].min()), float(frame[name].max())) for name in config.features},
         action_range=(float(frame[config.action].min()), float(frame[config.action].max())),
         reward_source="column" if has_reward_column else "computed",
+        rows_blank=raw.blank_rows,
     )
     return frame, report
 
@@ -159,7 +168,7 @@ def observed_reward(frame: pd.DataFrame, config: DataConfig) -> np.ndarray:
     return level_term - kidney_penalty
 
 
-def _read(path: Path) -> _RawTable:
+def read_table(path: Path) -> _RawTable:
     suffix = path.suffix.lower()
     if suffix not in ACCEPTED_SUFFIXES:
         raise DataError(f"{path}: unsupported file type; expected a {' or '.join(ACCEPTED_SUFFIXES)} file")
@@ -180,7 +189,7 @@ def _read_csv(path: Path) -> _RawTable:
     frame = _blanks_to_na(frame)
     positions = np.arange(2, len(frame) + 2)  # the header is line 1
     blank_line = frame.isna().all(axis=1).to_numpy()
-    return _RawTable(str(path), frame[~blank_line].reset_index(drop=True), positions[~blank_line], "line")
+    return _RawTable(str(path), frame[~blank_line].reset_index(drop=True), positions[~blank_line], "line", int(blank_line.sum()))
 
 
 def _read_parquet(path: Path) -> _RawTable:
@@ -232,7 +241,8 @@ def _patient_label(raw: _RawTable, config: DataConfig, index: int) -> str:
 
 
 def _parse_numbers(raw: _RawTable, config: DataConfig, columns: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Convert columns to float64 with their missing-cell masks; any other non-finite value is an error."""
+    """Convert columns to float64 with their missing-cell masks; any other non-finite value, or one too large
+    for float32, is an error."""
     numbers: dict[str, np.ndarray] = {}
     missing: dict[str, np.ndarray] = {}
     first_bad: list[tuple[int, int, str]] = []  # (row index, column order, column name)
@@ -243,7 +253,9 @@ def _parse_numbers(raw: _RawTable, config: DataConfig, columns: list[str]) -> tu
         is_missing = column.isna().to_numpy()
         if pd.api.types.is_numeric_dtype(column):
             is_missing = is_missing | np.isnan(values)  # a NaN stored in a numeric Parquet column is missing too
-        bad = np.flatnonzero(~is_missing & ~np.isfinite(values))
+        # A value float32 cannot hold would become inf in the training tensors, so it is refused here too.
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero(~is_missing & ~(np.abs(values) <= FLOAT32_MAX))
         if bad.size:
             first_bad.append((int(bad[0]), order, name))
             bad_total += bad.size
@@ -252,9 +264,10 @@ def _parse_numbers(raw: _RawTable, config: DataConfig, columns: list[str]) -> tu
     if first_bad:
         index, _, name = min(first_bad)
         others = f" ({bad_total - 1} more invalid values in this file)" if bad_total > 1 else ""
+        too_large = f" of magnitude at most {FLOAT32_MAX:.4g} (32-bit floats)" if np.isfinite(numbers[name][index]) else ""
         raise DataError(
             f"{raw.where(index)} ({_patient_label(raw, config, index)}): column '{name}' has value "
-            f"'{raw.frame[name].iloc[index]}'; expected a finite number{others}"
+            f"'{raw.frame[name].iloc[index]}'; expected a finite number{too_large}{others}"
         )
     return numbers, missing
 

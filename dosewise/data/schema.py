@@ -3,6 +3,9 @@ layout can be used without renaming its columns first."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from pydantic import BaseModel, ConfigDict, model_validator
 
 FEATURES: tuple[str, ...] = (
@@ -13,6 +16,33 @@ FEATURES: tuple[str, ...] = (
     "temperature",
     "sbp",
     "heart_rate",
+)
+
+# Physiologically possible range of each vancomycin state feature, in the units the data uses:
+# vanco_level mg/L, creatinine mg/dL, wbc K/µL (10^9/L), bun mg/dL, temperature °C, sbp mmHg,
+# heart_rate bpm. A state outside it is a typing or unit error (381 °C, creatinine -1.4), so
+# recommending for it needs an explicit override; features not listed here have no bound.
+PHYSIOLOGICAL_BOUNDS: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {
+        "vanco_level": (0.0, 150.0),
+        "creatinine": (0.1, 20.0),
+        "wbc": (0.0, 200.0),
+        "bun": (1.0, 300.0),
+        "temperature": (25.0, 45.0),
+        "sbp": (30.0, 300.0),
+        "heart_rate": (20.0, 300.0),
+    }
+)
+FEATURE_UNITS: Mapping[str, str] = MappingProxyType(
+    {
+        "vanco_level": "mg/L",
+        "creatinine": "mg/dL",
+        "wbc": "K/µL",
+        "bun": "mg/dL",
+        "temperature": "°C",
+        "sbp": "mmHg",
+        "heart_rate": "bpm",
+    }
 )
 
 # The loader adds this column (source line/row number), so no data column may use it.

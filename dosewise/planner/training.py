@@ -16,7 +16,6 @@ validation metrics and the rebound alarm → the LightningModule → `train_plan
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor
 
-from dosewise.checkpoint import load_safe, save_atomic
+from dosewise.checkpoint import load_safe, make_dir, new_manifest, save_atomic, verify_manifest, write_json_atomic
 from dosewise.config import save_config
 from dosewise.data.windows import Windows
 from dosewise.planner.config import (
@@ -556,15 +555,18 @@ class PlannerRun:
         return self.module.model
 
 
-def save_planner(model: PlannerModel, run: PlannerRunConfig, path: str | Path) -> None:
+def save_planner(model: PlannerModel, run: PlannerRunConfig, path: str | Path, run_dir: str | Path | None = None) -> None:
     """model.pt: the resolved config and the state dict (statistics included), tensors and
-    plain data only, so `torch.load(weights_only=True)` reads it."""
-    save_atomic({"format": MODEL_FORMAT, "config": run.model_dump(mode="json"), "state_dict": model.state_dict()}, path)
+    plain data only, so `torch.load(weights_only=True)` reads it; recorded in the manifest of
+    ``run_dir`` (default: of its folder, when that has one)."""
+    save_atomic({"format": MODEL_FORMAT, "config": run.model_dump(mode="json"), "state_dict": model.state_dict()}, path, run_dir)
 
 
 def load_planner(path: str | Path) -> tuple[PlannerModel, PlannerRunConfig]:
-    """Model (eval mode) and config from a model.pt or a run directory holding one."""
+    """Model (eval mode) and config from a model.pt or a run directory holding one, checked
+    against the run's manifest.json."""
     path = Path(path)
+    verify_manifest(path)
     if path.is_dir():
         path = path / "model.pt"
     saved = load_safe(path, MODEL_FORMAT)
@@ -583,10 +585,11 @@ def train_planner(
 ) -> PlannerRun:
     """Train on `train` windows, validate on `val` every epoch; writes into `out`:
     config.yaml, tb/ (TensorBoard), csv/metrics.csv, checkpoints/ (Lightning: last.ckpt and the
-    best val_bis_mae), model.pt and summary.json. Seeded: the same inputs give the same weights."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(run, out / "config.yaml")
+    best val_bis_mae), model.pt, summary.json and manifest.json (SHA-256 of config.yaml and
+    model.pt; dosewise never loads Lightning's checkpoints). Seeded: the same inputs give the same weights."""
+    out = make_dir(out)
+    new_manifest(out)
+    save_config(run, out / "config.yaml", run_dir=out)
     torch.set_num_threads(run.train.threads)
     pl.seed_everything(run.train.seed, workers=True, verbose=False)
     gamma = run.windows.gamma
@@ -640,10 +643,10 @@ def train_planner(
         )
     wall = time.perf_counter() - started
     module.model.eval()
-    save_planner(module.model, run, out / "model.pt")
+    save_planner(module.model, run, out / "model.pt", run_dir=out)
     summary = build_summary(module, run, len(train), len(val), wall)
     summary["constant_baseline"] = constant_baselines(stats, val_tensors)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(summary, out / "summary.json")
     return PlannerRun(module=module, summary=summary)
 
 

@@ -76,7 +76,7 @@ def test_parse_state_returns_floats_in_model_order() -> None:
     assert state == {"vanco_level": 18.5, "creatinine": 1.25}
     assert list(state) == list(NAMES)
     assert all(type(v) is float for v in state.values())
-    assert parse_state(["vanco_level=1e1", "creatinine=-0"], NAMES) == {"vanco_level": 10.0, "creatinine": 0.0}
+    assert parse_state(["vanco_level=-0", "creatinine=1e-1"], NAMES) == {"vanco_level": 0.0, "creatinine": 0.1}
 
 
 @pytest.mark.parametrize(
@@ -215,7 +215,8 @@ def test_recommend_validates_the_state(model: TrainedIQL) -> None:
 def test_to_dict_is_json_serialisable(model: TrainedIQL) -> None:
     rec = recommend(model, {"vanco_level": 60.0, "creatinine": 1.0})
     data = json.loads(json.dumps(rec.to_dict()))
-    assert set(data) == {"state", "policy_action", "greedy_action", "q_value", "greedy_q_value", "q_curve", "warnings"}
+    assert set(data) == {"state", "policy_action", "greedy_action", "q_value", "greedy_q_value", "q_curve", "warnings", "overrides"}
+    assert data["overrides"] == []
     assert data["state"] == {"vanco_level": 60.0, "creatinine": 1.0}
     assert data["policy_action"] == rec.policy_action
     assert len(data["q_curve"]) == 101 and all(len(pair) == 2 for pair in data["q_curve"])

@@ -8,7 +8,6 @@ metrics of Ionescu et al. 2008 (IEEE TBME 55:2161) as PAS computes them.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dosewise.checkpoint import write_json_atomic
 from dosewise.evaluate.stats import bootstrap_ci, bootstrap_indices
 from dosewise.planner.config import PlannerRunConfig
 from dosewise.planner.model import PlannerModel
@@ -139,5 +139,5 @@ def evaluate_planner_run(result: PlannerRun, run: PlannerRunConfig, out: str | P
     result.summary["closed_loop"] = closed_loop_comparison(
         result.model, loop.cases, loop.seed, modes=planning_modes(run), induction_s=run.windows.induction_s
     )
-    (Path(out) / "summary.json").write_text(json.dumps(result.summary, indent=2))
+    write_json_atomic(result.summary, Path(out) / "summary.json")
     return result.summary

@@ -8,7 +8,6 @@ model; warm-up and detach protect it. Runs go in parallel processes (one CPU thr
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import time
@@ -17,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from dosewise.checkpoint import write_json_atomic, write_text_atomic
 from dosewise.config import ConfigError, load_config
 from dosewise.planner.config import STRATEGIES, PlannerRunConfig, PlannerTrainConfig
 
@@ -111,9 +111,9 @@ def compare_strategies(
     wall = time.perf_counter() - started
     rows = [comparison_row(name, summaries[name]) for name in runs]
     result = {"data": str(data), "wall_time_s": wall, "jobs": jobs, "rows": rows, "summaries": summaries}
-    (out / "comparison.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(result, out / "comparison.json")
     plot_env_metrics(summaries, out / "env_metrics.png")
-    (out / "comparison.md").write_text(comparison_markdown(rows, wall, jobs))
+    write_text_atomic(out / "comparison.md", comparison_markdown(rows, wall, jobs))
     return result
 
 
