@@ -16,6 +16,7 @@ what one `dosewise` command runs (the CLI only parses options and prints).
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import statistics
@@ -29,7 +30,7 @@ import yaml
 from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.recommend import Recommendation, recommend, require_finite
 from dosewise.algos.trained import TrainedIQL
-from dosewise.checkpoint import write_json_atomic
+from dosewise.checkpoint import write_bytes_atomic, write_json_atomic
 from dosewise.config import ConfigError, config_path, load_config
 from dosewise.data.anesthesia import CaseReport, load_cases
 from dosewise.data.kinds import DATA_KINDS, DATA_PRESETS, anesthesia_preset, detect_kind, file_columns
@@ -263,16 +264,15 @@ compare_planner_strategies = compare_strategies
 
 
 def write_table(frame, out: str | Path) -> Path:
-    """A simulated or exported table to .csv or .parquet (by suffix)."""
+    """A simulated or exported table to .csv or .parquet (by suffix), written atomically."""
     out = Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise DataError(f"{out}: unsupported output suffix {out.suffix!r}; use .csv or .parquet")
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":
-        frame.to_parquet(out, index=False)
-    else:
-        frame.to_csv(out, index=False)
-    return out
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        return write_bytes_atomic(out, buffer.getvalue())
+    return write_bytes_atomic(out, frame.to_csv(index=False).encode())
 
 
 def simulate_vancomycin(out: str | Path, patients: int = 150, seed: int = 0) -> int:

@@ -100,6 +100,13 @@ def write_bytes_atomic(path: str | Path, data: bytes, run_dir: str | Path | None
     return path
 
 
+def write_figure_atomic(fig, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure as PNG, rendered in memory and written atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
 def write_text_atomic(path: str | Path, text: str, run_dir: str | Path | None = None) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"), run_dir)
 

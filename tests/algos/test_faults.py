@@ -401,3 +401,22 @@ def test_a_run_killed_at_random_points_holds_only_complete_files_and_resumes(van
     _assert_every_file_is_complete(out)
     assert _temp_files(out) == []
     _assert_same(_networks(out), _networks(tmp_path / "reference"))
+
+
+@pytest.mark.parametrize("name", ["vanco.csv", "vanco.parquet"])
+def test_simulated_table_on_a_full_disk_leaves_no_partial_file(tmp_path, full_disk, name):
+    full_disk(name)
+    result = invoke("simulate", "vancomycin", "--out", tmp_path / name, "--patients", 3)
+    assert result.exit_code == 2, result.output
+    assert _stderr_lines(result) == [f"error: cannot write {tmp_path / name}: No space left on device"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["index.html", "q_curves.png"])
+def test_report_on_a_full_disk_leaves_no_partial_file(reference, tmp_path, full_disk, name):
+    full_disk(name)
+    out = tmp_path / "report"
+    result = invoke("report", "--run", reference[0], "--out", out)
+    assert result.exit_code == 2, result.output
+    assert _stderr_lines(result) == [f"error: cannot write {out / name}: No space left on device"]
+    assert not (out / name).exists() and _temp_files(tmp_path) == []

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from dosewise.checkpoint import write_json_atomic, write_text_atomic
+from dosewise.checkpoint import write_figure_atomic, write_json_atomic, write_text_atomic
 from dosewise.config import ConfigError, load_config
 from dosewise.planner.config import STRATEGIES, PlannerRunConfig, PlannerTrainConfig
 
@@ -205,5 +205,5 @@ def plot_env_metrics(summaries: dict[str, dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(title="strategy")
     fig.suptitle("Validation metrics per epoch (dotted: the policy loss starts after warm-up)")
-    fig.savefig(path, dpi=110)
+    write_figure_atomic(fig, path)
     plt.close(fig)

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from dosewise.algos.trained import TrainedIQL
-from dosewise.checkpoint import CheckpointError
+from dosewise.checkpoint import CheckpointError, write_figure_atomic, write_text_atomic
 from dosewise.data.loading import DataError, load_table
 from dosewise.data.transitions import Transitions, build_transitions
 from dosewise.sim.vancomycin import DECISION_HOURS, rollout, sample_cohort
@@ -53,7 +53,7 @@ def training_curves(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _save(fig, out_dir: Path, name: str) -> Path:
     path = out_dir / f"{name}.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure_atomic(fig, path)
     plt.close(fig)
     return path
 
@@ -267,5 +267,5 @@ config: lr {model.config.lr:g}, gamma {model.config.gamma:g}, hidden {list(model
 {"".join(blocks)}
 </body></html>"""
     page_path = out_dir / "index.html"
-    page_path.write_text(page)
+    write_text_atomic(page_path, page)
     return page_path
