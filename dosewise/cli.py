@@ -111,7 +111,7 @@ def report_table(report: DataReport | CaseReport) -> Table:
     table.add_column()
     if isinstance(report, CaseReport):
         return _case_report_rows(table, report)
-    for key in ("rows_total", "rows_dropped_nan", "rows_valid", "patients", "transitions", "reward_source"):
+    for key in ("rows_total", "rows_blank", "rows_dropped_nan", "rows_valid", "patients", "transitions", "reward_source"):
         table.add_row(key, str(getattr(report, key)))
     for column, count in report.dropped_nan_by_column.items():
         table.add_row(f"  dropped: {column} missing", str(count))
