@@ -23,14 +23,14 @@ import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.recommend import Recommendation, recommend, require_finite
 from dosewise.algos.trained import TrainedIQL
-from dosewise.checkpoint import write_bytes_atomic, write_json_atomic
+from dosewise.checkpoint import CheckpointError, write_bytes_atomic, write_json_atomic
 from dosewise.config import ConfigError, config_path, load_config
 from dosewise.data.anesthesia import CaseReport, load_cases
 from dosewise.data.kinds import DATA_KINDS, DATA_PRESETS, anesthesia_preset, detect_kind, file_columns
@@ -109,6 +109,25 @@ class DemoResult:
     evaluation: IQLEvaluation
     evaluation_path: Path
     page: Path
+
+
+def run_kind(run: str | Path) -> Literal["iql", "planner"]:
+    """Which algorithm made a run directory (or the directory of a model.pt): its config.yaml's
+    `algo` ("iql" or "planner"); the commands that take --run dispatch on it."""
+    run_dir = Path(run)
+    run_dir = run_dir.parent if run_dir.suffix == ".pt" else run_dir
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir}: not a run directory (no config.yaml); expected the --out of `dosewise train iql` or `train planner`"
+        )
+    try:
+        algo = (yaml.safe_load(path.read_text()) or {}).get("algo", "iql")
+    except (yaml.YAMLError, AttributeError) as err:
+        raise CheckpointError(f"{path}: not a readable run config ({err.__class__.__name__})") from None
+    if algo not in ("iql", "planner"):
+        raise CheckpointError(f"{path}: algo is {algo!r}; expected 'iql' or 'planner'")
+    return algo
 
 
 def resolve_iql_run(config: str | Path | None, data: str | Path, steps: int | None = None, seed: int | None = None) -> IQLRunConfig:

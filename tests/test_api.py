@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from dosewise import api
 from dosewise.algos.trained import TrainedIQL
+from dosewise.checkpoint import CheckpointError
 from dosewise.cli import app
 from dosewise.config import ConfigError, save_config
 
@@ -89,3 +90,16 @@ def test_planner_training_returns_the_run_with_its_closed_loop(tiny_cases_file, 
     model, _ = load_planner(tmp_path / "run")
     traj = run_cases(cohort, PlannerPolicy(model, "argmax"), 1, spec)
     assert traj.rates.shape[1:] == (2, 2) and (traj.rates >= 0).all()
+
+
+def test_run_kind_reads_the_algorithm_from_the_run_config(trained, tmp_path):
+    root, _, _ = trained
+    assert api.run_kind(root / "run") == "iql" and api.run_kind(root / "run" / "model.pt") == "iql"
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "config.yaml").write_text("algo: planner\n")
+    assert api.run_kind(tmp_path / "p") == "planner"
+    (tmp_path / "p" / "config.yaml").write_text("algo: ppo\n")
+    with pytest.raises(CheckpointError, match="algo is 'ppo'; expected 'iql' or 'planner'"):
+        api.run_kind(tmp_path / "p")
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        api.run_kind(tmp_path)
