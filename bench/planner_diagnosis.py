@@ -38,7 +38,16 @@ from torch import nn
 from dosewise.data.anesthesia import load_cases
 from dosewise.data.windows import build_windows, split_by_case
 from dosewise.evaluate.anesthesia.closed_loop import evaluate_policies
-from dosewise.planner.model import RATE_LEVELS, PlannerModel, expected_class
+from dosewise.evaluate.anesthesia.diagnosis import (
+    DECISION_MINUTES,
+    HELD_OUT_SEED,
+    charted,
+    counterfactual,
+    model_prediction,
+    snapshots,
+    valid_rows,
+)
+from dosewise.planner.model import RATE_LEVELS, PlannerModel
 from dosewise.planner.policy import (
     Decoding,
     PlannerPolicy,
@@ -55,25 +64,7 @@ from dosewise.sim.anesthesia.cases import (
 )
 from dosewise.sim.anesthesia.clinician import SimulatedAnesthesiologist
 
-DECISION_MINUTES = (15, 30, 45, 60, 90)
-HELD_OUT_SEED = 300_000  # cohorts of the diagnosis; never a training seed
 DECODINGS: tuple[Decoding, ...] = ("argmax", "mean", "median")
-# Rate changes of the counterfactual test: (propofol, remifentanil) as a factor of the current rate,
-# or "max" for the pump's top rate; None keeps that drug's rate.
-VARIANTS: dict[str, tuple[float | str | None, float | str | None]] = {
-    "propofol x0": (0.0, None),
-    "propofol x0.5": (0.5, None),
-    "propofol x1.5": (1.5, None),
-    "propofol max": ("max", None),
-    "remifentanil x0": (None, 0.0),
-    "remifentanil x0.5": (None, 0.5),
-    "remifentanil x1.5": (None, 1.5),
-    "remifentanil max": (None, "max"),
-    "both x0": (0.0, 0.0),
-    "both x1.5": (1.5, 1.5),
-    "propofol x1.5, remifentanil x0.5": (1.5, 0.5),
-    "propofol x0.5, remifentanil x1.5": (0.5, 1.5),
-}
 
 
 # -- held-out states ----------------------------------------------------------------------------
@@ -98,58 +89,6 @@ def redraw_future_events(cohort: CaseCohort, after_s: float, rng: np.random.Gene
     bis = np.where(redraw, np.where(closing, 0.0, 8.0 * size), bis)
     mean_ap = np.where(redraw, np.where(closing, 0.0, 12.0 * size), mean_ap)
     return replace(cohort, event_start_s=starts, event_length_s=lengths, event_bis=bis, event_map=mean_ap)
-
-
-def snapshots(n_cases: int, pre_len: int, spec: CaseSpec, seed: int) -> list[tuple[int, CaseRun, np.ndarray]]:
-    """Held-out cases under the clinician, cloned at each decision minute: (t0, the run at t0, the
-    clinician's actions over the next pre_len steps [N, pre_len, 2]); cases too short are marked by
-    the run's own `steps`."""
-    cohort = sample_cases(n_cases, np.random.default_rng(seed), spec)
-    clinician = SimulatedAnesthesiologist(cohort, seed + 1, step_s=spec.step_s)
-    run = CaseRun(cohort, seed + 2, spec)
-    taken: dict[int, CaseRun] = {}
-    last = max(DECISION_MINUTES) + pre_len
-    while not run.done and run.k <= last:
-        if run.k in DECISION_MINUTES:
-            taken[run.k] = run.clone()
-        run.advance(*clinician(run.history()))
-    return [(t0, state, run.rates[t0 : t0 + pre_len].transpose(1, 0, 2)) for t0, state in taken.items()]
-
-
-def follow(run: CaseRun, actions: np.ndarray) -> int:
-    """Advance `run` through the actions [N, K, 2]; returns the decision step they started at."""
-    t0 = run.k
-    for j in range(actions.shape[1]):
-        run.advance(actions[:, j, 0], actions[:, j, 1])
-    return t0
-
-
-def charted(run: CaseRun, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Charted (BIS, MAP) after each of the actions [N, K, 2], each [N, K]; `run` is advanced."""
-    t0 = follow(run, actions)
-    after = run.vitals[t0 + 1 : t0 + actions.shape[1] + 1]  # [K, N, 5] charted before the next decisions
-    return after[..., 0].T, after[..., 1].T
-
-
-def truth(run: CaseRun, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Noise-free (BIS, MAP) at the charting instants after each action, each [N, K]."""
-    t0 = follow(run, actions)
-    at = (t0 + np.arange(1, actions.shape[1] + 1)) * run.spec.step_s - 1
-    return run.bis_true[at].T.astype(np.float64), run.map_true[at].T.astype(np.float64)
-
-
-def valid_rows(run: CaseRun, k: int) -> np.ndarray:
-    """Cases with all k steps after the decision inside the case (their charted values exist)."""
-    return run.steps > run.k + k
-
-
-@torch.no_grad()
-def model_prediction(model: PlannerModel, run: CaseRun, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The model's expected charted (BIS, MAP) after each action [N, K, 2] from the charted history."""
-    window, mask, static = history_window(run.history(), model.max_len, concentrations=model.concentrations)
-    memory, padding = model.represent(torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static))
-    states = model.unroll(memory, padding, torch.from_numpy(actions).long())
-    return expected_class(model.bis_head(states)).double().numpy(), expected_class(model.map_head(states)).double().numpy()
 
 
 # -- 1. noise floor -----------------------------------------------------------------------------
@@ -273,60 +212,7 @@ def information_ceiling(states, n_cases: int, steps: int, spec: CaseSpec, seed: 
     return result
 
 
-# -- 2. counterfactual accuracy -----------------------------------------------------------------
-
-
-def variant_rates(current: np.ndarray, change: float | str | None) -> np.ndarray:
-    if change is None:
-        return current
-    if change == "max":
-        return np.full_like(current, RATE_LEVELS - 1)
-    return np.clip(np.rint(current * float(change)), 0, RATE_LEVELS - 1).astype(current.dtype)
-
-
-def counterfactual(model: PlannerModel, states) -> dict:
-    k = model.pre_len
-    found: dict[str, dict[str, list]] = {name: {"true_bis": [], "pred_bis": [], "true_map": [], "pred_map": []} for name in VARIANTS}
-    for _, state, _ in states:
-        rows = valid_rows(state, k)
-        current = state.rates[state.k - 1] if state.k else np.zeros((state.cohort.n, 2), dtype=np.int64)
-        hold = np.repeat(current[:, None, :], k, axis=1)
-        base_bis, base_map = truth(state.clone(), hold)
-        pred_base_bis, pred_base_map = model_prediction(model, state, hold)
-        for name, (ppf, rftn) in VARIANTS.items():
-            rates = np.stack([variant_rates(current[:, 0], ppf), variant_rates(current[:, 1], rftn)], axis=1)
-            plan = np.repeat(rates[:, None, :], k, axis=1)
-            bis, mean_ap = truth(state.clone(), plan)
-            pred_bis, pred_map = model_prediction(model, state, plan)
-            found[name]["true_bis"].append((bis - base_bis)[rows])
-            found[name]["pred_bis"].append((pred_bis - pred_base_bis)[rows])
-            found[name]["true_map"].append((mean_ap - base_map)[rows])
-            found[name]["pred_map"].append((pred_map - pred_base_map)[rows])
-    result, every = {}, {"bis": ([], []), "map": ([], [])}
-    for name, arrays in found.items():
-        entry = {}
-        for vital in ("bis", "map"):
-            true, pred = np.concatenate(arrays[f"true_{vital}"]), np.concatenate(arrays[f"pred_{vital}"])
-            every[vital][0].append(true)
-            every[vital][1].append(pred)
-            entry[vital] = change_accuracy(true, pred)
-        result[name] = entry
-    overall = {vital: change_accuracy(np.concatenate(t), np.concatenate(p)) for vital, (t, p) in every.items()}
-    return {"variants": result, "overall": overall}
-
-
-def change_accuracy(true: np.ndarray, pred: np.ndarray) -> dict:
-    """true and predicted changes [n, K]: per-horizon mean of each, MAE, and sign agreement where
-    |true| >= 1 (with how many such)."""
-    counted = np.abs(true) >= 1.0
-    agree = (np.sign(true) == np.sign(pred)) & counted
-    return {
-        "true_mean": true.mean(axis=0).tolist(),
-        "pred_mean": pred.mean(axis=0).tolist(),
-        "mae": np.abs(true - pred).mean(axis=0).tolist(),
-        "sign_agreement": float(agree.sum() / max(counted.sum(), 1)),
-        "sign_counted": int(counted.sum()),
-    }
+# -- 2. counterfactual accuracy: `counterfactual` of dosewise.evaluate.anesthesia.diagnosis ------
 
 
 # -- 3. imitation -------------------------------------------------------------------------------

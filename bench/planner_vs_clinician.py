@@ -45,7 +45,6 @@ METRICS = (
 )
 MODES = ("argmax", "beam", "mcts", "mpc")
 HELD_OUT_SEED = 100_000  # + data seed: the held-out cohorts; training data use the data seed itself
-CLINICIAN_SEED = 100_001  # + data seed: the clinician's own randomness on the held-out cases
 
 
 def recipe(config: str, seed: int, quick: bool, overrides: list[str] = ()) -> PlannerRunConfig:
@@ -74,26 +73,17 @@ def recipe(config: str, seed: int, quick: bool, overrides: list[str] = ()) -> Pl
 
 def evaluate_seed(run_dir: str, n_cases: int, data_seed: int, modes: tuple[str, ...] = MODES) -> dict:
     """Every row of the table on the standard and the shifted held-out cohorts (worker process)."""
-    from dosewise.evaluate.anesthesia.closed_loop import evaluate_policies
-    from dosewise.planner.policy import planning_modes
+    from dosewise.evaluate.anesthesia.closed_loop import planner_vs_baselines
     from dosewise.planner.training import load_planner
     from dosewise.sim.anesthesia.cases import SHIFTED_SPEC, CaseSpec
-    from dosewise.sim.anesthesia.clinician import SimulatedAnesthesiologist
-    from dosewise.sim.anesthesia.pid import DualLoopPID
 
     torch.set_num_threads(1)
     model, run = load_planner(run_dir)
-    # The modes exactly as `dosewise train planner` runs them closed loop (`planning_modes`).
-    modes_run = run.model_copy(update={"closed_loop": run.closed_loop.model_copy(update={"modes": modes})})
-    policies = {
-        "clinician": lambda cohort: SimulatedAnesthesiologist(cohort, CLINICIAN_SEED + data_seed),
-        "pid": lambda cohort: DualLoopPID(cohort),
-        **{name: (lambda cohort, make=make: make(model)) for name, make in planning_modes(modes_run).items()},
-    }
     result = {}
     for cohort_name, spec in (("standard", CaseSpec()), ("shifted", SHIFTED_SPEC)):
         started = time.perf_counter()
-        closed = evaluate_policies(policies, n_cases=n_cases, seed=HELD_OUT_SEED + data_seed, spec=spec)["policies"]
+        # the clinician (its own draws seeded HELD_OUT_SEED + data seed + 1), the PID and the planner modes
+        closed = planner_vs_baselines(model, run, n_cases, HELD_OUT_SEED + data_seed, spec, modes)["policies"]
         rows = {name: {key: finite(closed[name][key]) for key, _, _ in METRICS} for name in closed}
         if "planner_argmax" in rows:
             rows["bc_argmax"] = rows["planner_argmax"]

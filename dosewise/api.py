@@ -9,7 +9,10 @@ what one `dosewise` command runs (the CLI only parses options and prints).
 
     run = api.resolve_planner_run("planner", "cases.csv")                     # PlannerRunConfig
     planner = api.train_planner_from_file(run, "cases.csv", "runs/planner")    # PlannerRun
+    scores = api.evaluate_planner("runs/planner", cases=100)                   # PlannerEvaluation
+    rates = api.recommend_planner("runs/planner", "case_so_far.csv")           # PlannerRecommendation
     table = api.compare_planner_strategies("cases.csv", "runs/strategies")     # dict (comparison.json)
+    page = api.report_planner("runs/planner")                                  # Path of index.html
 
 `dosewise.planner.policy.PlannerPolicy` acts on a case history with a trained planner.
 """
@@ -37,10 +40,13 @@ from dosewise.data.kinds import DATA_KINDS, DATA_PRESETS, anesthesia_preset, det
 from dosewise.data.loading import DataError, DataReport, load_table
 from dosewise.data.transitions import build_transitions
 from dosewise.evaluate.anesthesia.closed_loop import evaluate_planner_run
+from dosewise.evaluate.anesthesia.run_evaluation import PlannerEvaluation, evaluate_planner_dir
 from dosewise.evaluate.anesthesia.strategies import compare_strategies
 from dosewise.planner.config import PlannerRunConfig
+from dosewise.planner.recommend import PlannerRecommendation
 from dosewise.planner.run import resolve_run, train_from_file
 from dosewise.planner.training import PlannerRun
+from dosewise.sim.anesthesia.cases import CaseSpec
 
 # Outcomes compared member by member in an ensemble's evaluation.
 MEMBER_OUTCOMES = ("auc_in_target_frac", "aki_rate", "mean_return")
@@ -234,6 +240,27 @@ def evaluate_iql(
     return IQLEvaluation(offline=offline, closed_loop=closed_loop, ope=estimates, ensemble=ensemble)
 
 
+def evaluate_planner(
+    run: str | Path,
+    cases: int | None = None,
+    seed: int | None = None,
+    data: str | Path | None = None,
+    *,
+    modes: tuple[str, ...] | None = None,
+    shifted: bool = False,
+    spec: CaseSpec | None = None,
+    max_windows: int | None = None,
+    echo: Echo = lambda _: None,
+) -> PlannerEvaluation:
+    """A planner run's offline metrics on its held-out windows (the test cases of its data file,
+    or the validation cases without a test share; without the file, the last validation epoch of
+    training) and the closed loop of clinician, PID and the planner's modes on `cases` held-out
+    simulated cases (default: the run's closed_loop.cases and .seed) drawn from `spec` (default
+    `CaseSpec()`; `shifted` adds its shifted population), with 95 % bootstrap CIs;
+    `PlannerEvaluation.to_dict()` is the evaluation JSON."""
+    return evaluate_planner_dir(run, cases, seed, data, modes=modes, shifted=shifted, spec=spec, max_windows=max_windows, echo=echo)
+
+
 def recommend_iql(
     run_or_model: str | Path | TrainedIQL, state: Mapping[str, object], *, allow_out_of_range: bool = False
 ) -> DoseRecommendation:
@@ -259,11 +286,59 @@ def recommend_iql(
     )
 
 
+def recommend_planner(
+    run: str | Path,
+    history_path: str | Path,
+    case_id: str | None = None,
+    mode: str | None = None,
+    max_propofol: int | None = None,
+    max_remifentanil: int | None = None,
+    data_preset: str | None = None,
+) -> PlannerRecommendation:
+    """The next propofol and remifentanil rates for the case so far in `history_path` (.csv or
+    .parquet), with the planner run `run` (a directory or its model.pt): the predicted BIS and MAP
+    under them and under the current rates, their learned value, and warnings.
+
+    The file is read by `load_cases` under the run's data config, the contract the run trained
+    on (impossible vitals masked, short gaps carried forward, the same step); `data_preset`
+    (canonical or vitaldb) takes that preset's column names instead, and the run's other settings.
+    `case_id` picks one of several cases; `mode` defaults to the run's closed_loop.default_mode,
+    the dose limits (mL/h) to its closed_loop.max_rate."""
+    from dosewise.planner.recommend import recommend_planner as recommend_case
+    from dosewise.planner.training import load_planner
+
+    if run_kind(run) != "planner":
+        raise ConfigError(f"{run}: an IQL run; planner recommendations need a run of `dosewise train planner` (IQL runs take a state)")
+    model, config = load_planner(run)
+    data = config.data
+    if data_preset is not None:
+        if data_preset not in DATA_PRESETS:
+            raise ConfigError(f"unknown data preset '{data_preset}'; expected one of: {', '.join(DATA_PRESETS)}")
+        layout = DATA_PRESETS[data_preset]
+        data = data.model_copy(update={name: getattr(layout, name) for name in ("case_id", "time", "tracks", "covariates")})
+    frame, report = load_cases(history_path, data)
+    limits = config.closed_loop.max_rate
+    max_rate = (limits[0] if max_propofol is None else max_propofol, limits[1] if max_remifentanil is None else max_remifentanil)
+    return recommend_case(model, config, frame, case_id=case_id, mode=mode, max_rate=max_rate, report=report)
+
+
 def report_iql(run_dir: str | Path, out: str | Path | None = None, evaluation: str | Path | None = None) -> Path:
     """The HTML analysis report with PNG figures (default folder RUN/report); returns index.html."""
     from dosewise.evaluate.vancomycin.report import write_report
 
     return write_report(Path(run_dir), Path(out) if out else None, Path(evaluation) if evaluation else None)
+
+
+def report_planner(
+    run: str | Path, out: str | Path | None = None, cases: int = 6, seed: int = 300_000, evaluation: str | Path | None = None
+) -> Path:
+    """The HTML report of a planner run with PNG figures (default folder RUN/report): `cases`
+    held-out simulated cases under the planner and the simulated anesthesiologist, BIS predicted
+    per horizon step and after propofol changes against the simulator, training curves with their
+    alarms, the closed-loop and strategy tables; returns index.html."""
+    from dosewise.evaluate.anesthesia.report import write_planner_report
+
+    return write_planner_report(run, out, cases=cases, seed=seed, evaluation=evaluation)
 
 
 def train_planner_from_file(

@@ -389,27 +389,122 @@ def offline_table(stats: dict) -> Table:
 @app.command("evaluate")
 @friendly_errors
 def evaluate_command(
-    run: Annotated[Path, typer.Option(help="Run directory written by `dosewise train iql`.")],
-    out: Annotated[Path, typer.Option(help="Evaluation JSON to write.")],
-    patients: Annotated[int, typer.Option(min=2, help="Held-out simulated patients for the closed loop.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of the held-out cohort; keep it apart from the training data's.")] = 1000,
-    data: Annotated[Path | None, typer.Option(help="Training data (default: the path recorded in the run).")] = None,
+    run: Annotated[Path, typer.Option(help="Run directory written by `dosewise train iql` or `dosewise train planner`.")],
+    out: Annotated[Path | None, typer.Option(help="Evaluation JSON to write (default: RUN/evaluation.json).")] = None,
+    cases: Annotated[
+        int | None,
+        typer.Option(
+            "--cases",
+            "--patients",
+            min=2,
+            help="Held-out simulated patients (IQL, default 1000) or cases (planner, default the run's closed_loop.cases, else 50) "
+            "for the closed loop.",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the held-out cohort (default: 1000 for IQL, the run's closed_loop.seed for a planner); keep it apart from the training data's."
+        ),
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="The run's data file (default: the path recorded in the run).")] = None,
     per_member: Annotated[
-        bool, typer.Option(help="For an ensemble run, also every member's own policy in closed loop (same patients) and mean +- sd.")
-    ] = True,
+        bool | None,
+        typer.Option(help="IQL ensemble: also every member's own policy in closed loop (same patients) and mean +- sd (default: on)."),
+    ] = None,
     ope: Annotated[
-        bool, typer.Option("--ope", help="Also off-policy estimates (FQE, PDWIS, WDR, ESS) next to the simulator's true value.")
+        bool, typer.Option("--ope", help="IQL: also off-policy estimates (FQE, PDWIS, WDR, ESS) next to the simulator's true value.")
+    ] = False,
+    shifted: Annotated[
+        bool, typer.Option("--shifted", help="Planner: also the closed loop on a shifted cohort (age 70-90, BMI 30-40, more sensitive).")
     ] = False,
 ) -> None:
-    """Offline statistics of the critics, and the learned policy vs the clinician in closed loop.
+    """Evaluate a run: offline metrics, then the policy in closed loop on held-out simulated patients.
 
-    An ensemble run is evaluated as its mean policy; with --per-member also member by member."""
-    from dosewise.api import evaluate_iql
+    IQL: the critics' offline statistics and the learned policy vs the clinician (an ensemble as
+    its mean policy; with --per-member also member by member). Planner: the model's prediction
+    errors per horizon step and the policy head's action error on the run's held-out cases, and
+    the planner's modes next to the simulated anesthesiologist and the PID. An option of the other
+    kind of run (--ope, --per-member for a planner; --shifted for IQL) is an error."""
+    from dosewise.api import evaluate_iql, evaluate_planner, run_kind
 
-    evaluation = evaluate_iql(run, patients, seed, data, per_member=per_member, ope=ope)
-    write_json_atomic(evaluation.to_dict(), out)
-    print_evaluation(evaluation)
+    run_dir = run.parent if run.suffix == ".pt" else run
+    # Without config.yaml (a bare model.pt) the IQL loader says what is missing, as it always has.
+    kind = run_kind(run) if (run_dir / "config.yaml").is_file() else "iql"
+    given = {"--ope": ope, "--per-member": per_member is not None} if kind == "planner" else {"--shifted": shifted}
+    wrong = [name for name, set_ in given.items() if set_]
+    if wrong:
+        this, other = ("a planner", "IQL") if kind == "planner" else ("an IQL", "planner")
+        raise ConfigError(f"{run} is {this} run; {' and '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for {other} runs only")
+    out = out if out is not None else run_dir / "evaluation.json"
+    if kind == "planner":
+        evaluation = evaluate_planner(run, cases, seed, data, shifted=shifted, echo=console.print)
+        write_json_atomic(evaluation.to_dict(), out)
+        print_planner_evaluation(evaluation)
+    else:
+        patients = 1000 if cases is None else cases
+        evaluation = evaluate_iql(run, patients, 1000 if seed is None else seed, data, per_member=per_member is not False, ope=ope)
+        write_json_atomic(evaluation.to_dict(), out)
+        print_evaluation(evaluation)
     console.print(f"wrote {out}")
+
+
+def planner_closed_loop_table(loop: dict, title: str) -> Table:
+    """Policy rows x BIS 40-60 %, MAP < 65 %, BIS nadir, propofol: the mean over cases above its
+    95 % bootstrap interval (low-high; every outcome is >= 0), so the table fits 80 columns."""
+    default = f"planner_{loop['default_mode']}"
+    table = Table(title=f"{title}: mean, 95 % CI below", box=box.SIMPLE_HEAD, caption=f"* the run's default mode ({default})")
+    table.add_column("policy", no_wrap=True)
+    columns = (("BIS 40-60 %", "pct_bis_40_60", 1), ("MAP < 65 %", "pct_map_below_65", 1), ("BIS nadir", "bis_nadir", 1))
+    columns += (("propofol mg/kg/h", "propofol_mg_kg_h", 2),)
+    for label, _, _ in columns:
+        table.add_column(label, justify="right")
+
+    def cell(estimate: dict, digits: int) -> str:
+        show = lambda x: "-" if x is None else f"{x:.{digits}f}"
+        return f"{show(estimate['mean'])}\n{show(estimate['ci95'][0])}-{show(estimate['ci95'][1])}"
+
+    for name, outcome in loop["policies"].items():
+        label = name + (" *" if name == default else "")
+        table.add_row(label, *(cell(outcome[key], digits) for _, key, digits in columns), style="bold" if name == default else None)
+    return table
+
+
+def planner_offline_table(offline: dict) -> Table:
+    """MAE per horizon step of BIS, MAP and reward, then value MAE and the action error."""
+    where = {
+        "test": "the run's test cases",
+        "val": "the run's validation cases (the run keeps no test cases)",
+        "summary": "the last validation epoch of training",
+    }[offline["source"]]
+    size = f", {offline['windows']} windows of {offline['cases']} cases" if "windows" in offline else ""
+    table = Table(title=f"offline: the model along the clinician's actions on {where}{size}", box=box.SIMPLE_HEAD)
+    show = lambda x, digits=2: "-" if x is None else f"{x:.{digits}f}"
+    steps = len(offline["bis_mae_per_step"])
+    table.add_column("MAE")
+    for k in range(1, steps + 1):
+        table.add_column(f"k={k}", justify="right")
+    table.add_column("all steps", justify="right")
+    for label, key in (("BIS (points)", "bis"), ("MAP (mmHg)", "map"), ("reward", "reward")):
+        digits = 3 if key == "reward" else 2
+        table.add_row(label, *(show(x, digits) for x in offline[f"{key}_mae_per_step"]), show(offline[f"{key}_mae"], digits))
+    action = offline["action_mae_ml_h"]
+    table.caption = (
+        f"value MAE {show(offline['value_mae'])}; policy head argmax vs the clinician at the decision step: "
+        f"propofol {show(action['propofol'], 1)} mL/h, remifentanil {show(action['remifentanil'], 1)} mL/h"
+    )
+    if "note" in offline:
+        table.caption += f" ({offline['note']})"
+    return table
+
+
+def print_planner_evaluation(evaluation) -> None:
+    """The tables of a `PlannerEvaluation`: offline metrics, closed loop (and the shifted cohort)."""
+    console.print(planner_offline_table(evaluation.offline))
+    loop = evaluation.closed_loop
+    console.print(planner_closed_loop_table(loop, f"closed loop on {loop['cases']} held-out simulated cases (seed {loop['seed']})"))
+    if evaluation.shifted is not None:
+        console.print(planner_closed_loop_table(evaluation.shifted, f"shifted cohort ({evaluation.shifted['cohort']})"))
 
 
 def print_evaluation(evaluation) -> None:
@@ -431,14 +526,21 @@ def print_evaluation(evaluation) -> None:
 @app.command("report")
 @friendly_errors
 def report_command(
-    run: Annotated[Path, typer.Option(help="Run directory written by `dosewise train iql`.")],
+    run: Annotated[Path, typer.Option(help="Run directory written by `dosewise train iql` or `train planner`.")],
     out: Annotated[Path | None, typer.Option(help="Report folder (default: RUN/report).")] = None,
     evaluation: Annotated[Path | None, typer.Option(help="Evaluation JSON (default: RUN/evaluation.json or next to RUN).")] = None,
+    cases: Annotated[int, typer.Option(min=1, help="Planner runs: held-out simulated cases behind the figures (3 are drawn).")] = 6,
+    seed: Annotated[int, typer.Option(help="Planner runs: seed of the held-out cases.")] = 300_000,
 ) -> None:
-    """HTML analysis report with PNG figures: training, Q/V, Q-curves, sensitivity, policy vs clinician, courses."""
-    from dosewise.api import report_iql
+    """HTML analysis report with PNG figures. IQL: training, Q/V, Q-curves, sensitivity, policy vs clinician, courses.
+    Planner: cases under planner and clinician, BIS predicted per horizon step, dose response, training curves and alarms."""
+    from dosewise.api import report_iql, report_planner, run_kind
 
-    console.print(f"report written to {report_iql(run, out, evaluation)}")
+    if run_kind(run) == "planner":
+        page = report_planner(run, out, cases=cases, seed=seed, evaluation=evaluation)
+    else:
+        page = report_iql(run, out, evaluation)
+    console.print(f"report written to {page}")
 
 
 # -- recommend ----------------------------------------------------------------------------------
@@ -447,23 +549,80 @@ def report_command(
 @app.command("recommend")
 @friendly_errors
 def recommend_command(
-    run: Annotated[Path, typer.Option(help="Run directory or model.pt.")],
-    state: Annotated[list[str], typer.Option(help="Feature value as name=value; repeat for every feature.")],
+    run: Annotated[Path, typer.Option(help="Run directory or model.pt (of `dosewise train iql` or `train planner`).")],
+    state: Annotated[list[str] | None, typer.Option(help="IQL runs: feature value as name=value; repeat for every feature.")] = None,
+    history: Annotated[
+        Path | None, typer.Option(help="Planner runs: the case so far, CSV or Parquet, from its start (the training file's columns).")
+    ] = None,
+    case_id: Annotated[str | None, typer.Option(help="Planner runs: the case to recommend for, when the history holds several.")] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(help="Planner runs: planning mode argmax, beam, mcts or mpc (default: the run's closed_loop.default_mode)."),
+    ] = None,
+    max_propofol: Annotated[
+        int | None, typer.Option(min=0, max=200, help="Planner runs: highest propofol rate, mL/h of 20 mg/mL (default: the run's).")
+    ] = None,
+    max_remifentanil: Annotated[
+        int | None, typer.Option(min=0, max=200, help="Planner runs: highest remifentanil rate, mL/h of 20 ug/mL (default: the run's).")
+    ] = None,
+    data_preset: Annotated[
+        str | None, typer.Option(help="Planner runs: column names of the history, canonical or vitaldb (default: the run's data config).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the recommendation as JSON.")] = False,
     allow_out_of_range: Annotated[
         bool,
         typer.Option(
             "--allow-out-of-range",
-            help="Recommend even for values outside their physiological range (listed as overrides in the output).",
+            help="IQL runs: recommend even for values outside their physiological range (listed as overrides in the output).",
         ),
     ] = False,
 ) -> None:
-    """Dose recommendation for one patient state."""
+    """Dose recommendation: for an IQL run from one patient state (--state), for a planner run the
+    next propofol and remifentanil rates from the case so far (--history)."""
+    from dosewise.api import run_kind
+
+    planner_options = {
+        "--history": history,
+        "--case-id": case_id,
+        "--mode": mode,
+        "--max-propofol": max_propofol,
+        "--max-remifentanil": max_remifentanil,
+        "--data-preset": data_preset,
+    }
+    try:
+        kind = run_kind(run)
+    except CheckpointError:
+        if run.suffix != ".pt" or not run.is_file():
+            raise
+        kind = "iql"  # a bare IQL model.pt carries its own config; its loader checks the file
+    if kind == "planner":
+        iql_given = [name for name, value in (("--state", state), ("--allow-out-of-range", allow_out_of_range)) if value]
+        if iql_given:
+            raise ConfigError(
+                f"{', '.join(iql_given)}: for IQL runs only; {run} is a planner run, which recommends from the case so far (--history CASE.csv)"
+            )
+        if history is None:
+            raise ConfigError(f"{run} is a planner run: give the case so far with --history CASE.csv (or .parquet)")
+        _recommend_planner(run, history, case_id, mode, max_propofol, max_remifentanil, data_preset, as_json)
+        return
+    planner_given = [name for name, value in planner_options.items() if value is not None]
+    if planner_given:
+        raise ConfigError(
+            f"{', '.join(planner_given)}: for planner runs only; {run} is an IQL run, which recommends from --state name=value"
+        )
+    _recommend_iql(run, state or [], as_json, allow_out_of_range)
+
+
+def _recommend_iql(run: Path, state: list[str], as_json: bool, allow_out_of_range: bool) -> None:
     from dosewise.algos.recommend import describe_override, parse_state
     from dosewise.algos.trained import TrainedIQL
     from dosewise.api import recommend_iql
 
     model = TrainedIQL.load(run)
+    if not state:
+        raise ConfigError(
+            f"{run} is an IQL run: give the patient state with --state name=value for each of: {', '.join(model.feature_names)}"
+        )
     rec = recommend_iql(model, parse_state(state, model.feature_names, allow_out_of_range), allow_out_of_range=allow_out_of_range)
     if as_json:
         print(json.dumps(rec.to_dict(), indent=2, allow_nan=False))  # strict JSON: NaN was refused above
@@ -473,6 +632,50 @@ def recommend_command(
     uncertainty = f" +- {rec.policy_action_sd:.3f} (sd over {rec.members} members)" if rec.members > 1 else ""
     console.print(f"policy action (recommended): [bold]{rec.policy_action:+.3f}[/]{uncertainty}   Q = {rec.q_value:.3f}")
     console.print(f"greedy action (argmax Q):    {rec.greedy_action:+.3f}   Q = {rec.greedy_q_value:.3f}")
+    for warning in rec.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _recommend_planner(
+    run: Path,
+    history: Path,
+    case_id: str | None,
+    mode: str | None,
+    max_propofol: int | None,
+    max_remifentanil: int | None,
+    data_preset: str | None,
+    as_json: bool,
+) -> None:
+    from dosewise.api import recommend_planner
+
+    rec = recommend_planner(run, history, case_id, mode, max_propofol, max_remifentanil, data_preset)
+    if as_json:
+        print(json.dumps(rec.to_dict(), indent=2, allow_nan=False))  # strict JSON: non-finite outputs were refused
+        return
+    ppf_max, rftn_max = rec.max_rate_ml_h
+    console.print(
+        f"case {rec.case_id} at {rec.time_s:g} s ({rec.history_steps} steps), mode {rec.mode}, "
+        f"limits {ppf_max}/{rftn_max} mL/h, {rec.weight_kg:g} kg"
+    )
+    console.print(
+        f"propofol 20 mg/mL:     [bold]{rec.propofol_rate_ml_h} mL/h[/] = {rec.propofol_mg_kg_h:.2f} mg/kg/h   (current {rec.current_rate_ml_h[0]} mL/h)"
+    )
+    console.print(
+        f"remifentanil 20 ug/mL: [bold]{rec.remifentanil_rate_ml_h} mL/h[/] = {rec.remifentanil_ug_kg_min:.3f} ug/kg/min   "
+        f"(current {rec.current_rate_ml_h[1]} mL/h)"
+    )
+    table = Table(title=f"predicted, steps of {rec.step_s:g} s ahead (one model: no band)", box=box.SIMPLE_HEAD)
+    table.add_column("", no_wrap=True)
+    for k in range(len(rec.plan.bis)):
+        table.add_column(f"+{k + 1}", justify="right", no_wrap=True)
+    for label, prediction in (("plan", rec.plan), ("keep", rec.keep_current)):
+        rates = zip(prediction.propofol_rate_ml_h, prediction.remifentanil_rate_ml_h, strict=True)
+        table.add_row(f"{label} ppf/rftn mL/h", *(f"{ppf}/{rftn}" for ppf, rftn in rates))
+        table.add_row(f"{label} BIS", *(f"{value:.1f}" for value in prediction.bis))
+        table.add_row(f"{label} MAP", *(f"{value:.1f}" for value in prediction.map), end_section=label == "plan")
+    console.print(table)
+    console.print(f"plan: {rec.plan_source}; keep: the current rates held")
+    console.print(f"learned value (reward units): plan {rec.value_plan:.3f}, keep current {rec.value_keep_current:.3f}")
     for warning in rec.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
 

@@ -80,6 +80,26 @@ class AnesthesiaDataConfig(BaseModel):
     # Longest case, first to last sample, in seconds; a longer case is dropped with its reason.
     max_case_duration_s: float = 86400.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        """`data: vitaldb` in a config is `data: {preset: vitaldb}`: the preset's fields (`DATA_PRESETS`),
+        then the other keys given next to `preset` on top (`{preset: vitaldb, step_s: 30}`); a mapping
+        given for tracks, covariates or vital_bounds replaces the preset's entries it names only."""
+        if isinstance(data, str):
+            data = {"preset": data}
+        if not isinstance(data, dict) or "preset" not in data:
+            return data
+        overrides = dict(data)
+        name = overrides.pop("preset")
+        if not isinstance(name, str) or name not in DATA_PRESETS:
+            raise ValueError(f"unknown data preset {name!r}; expected one of: {', '.join(DATA_PRESETS)}")
+        fields = DATA_PRESETS[name].model_dump()
+        for key, value in overrides.items():
+            merge = key in ("tracks", "covariates", "vital_bounds") and isinstance(value, dict)
+            fields[key] = {**fields[key], **value} if merge else value
+        return fields
+
     @model_validator(mode="after")
     def _check_consistent(self) -> AnesthesiaDataConfig:
         for role, mapping, names in (("tracks", self.tracks, TRACKS), ("covariates", self.covariates, COVARIATES)):
@@ -144,6 +164,9 @@ VITALDB = AnesthesiaDataConfig(
         "RFTN20_RATE": "Orchestra/RFTN20_RATE",
     },
 )
+# The column layouts of anesthesia files, by name: `data: vitaldb` (or `{preset: vitaldb, ...}`) in a
+# planner config, `--data-preset` on the command line.
+DATA_PRESETS: dict[str, AnesthesiaDataConfig] = {"canonical": CANONICAL, "vitaldb": VITALDB}
 
 
 @dataclass(frozen=True)

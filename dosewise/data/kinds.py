@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from dosewise.data.anesthesia import CANONICAL, VITALDB, AnesthesiaDataConfig
+from dosewise.data.anesthesia import CANONICAL, DATA_PRESETS, VITALDB, AnesthesiaDataConfig
 from dosewise.data.loading import DataError, read_table
 from dosewise.data.schema import DataConfig
 
 DATA_KINDS = ("vancomycin", "anesthesia")
-# The column layouts of anesthesia files, by name.
-DATA_PRESETS = {"canonical": CANONICAL, "vitaldb": VITALDB}
+__all__ = ["DATA_KINDS", "DATA_PRESETS", "anesthesia_preset", "detect_kind", "file_columns"]
 
 
 def file_columns(path: str | Path) -> list[str]:

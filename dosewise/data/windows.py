@@ -126,11 +126,102 @@ def build_windows(
     history step. The reward of step s is `reward.reward(BIS, MAP)` at step s+1. Built with
     array indexing over all cases at once (the returns loop over blocks of each case).
     """
+    steps = _case_steps(frame, window_config)
+    frame, case_end, vitals, rates = steps.frame, steps.case_end, steps.vitals, steps.rates
+    position = np.arange(len(frame))
+
+    # step_reward[s]: reward of reaching step s+1 (0 on a case's last step, which has no successor).
+    has_next = position + 1 < case_end
+    following = np.where(has_next, position + 1, position)
+    step_reward = np.where(has_next, reward.reward(vitals[following, 0], vitals[following, 1]), 0.0)
+    step_return = np.zeros(len(frame))
+    for start, end in zip(steps.starts, steps.ends):
+        step_return[start:end] = discounted_suffix_sums(step_reward[start:end], window_config.gamma)
+
+    origin = np.flatnonzero(has_next)  # [W] step t of each window
+    history, history_mask = steps.history_at(origin, window_config.max_len)
+
+    action_index = origin[:, None] + np.arange(window_config.pre_len)  # [W, pre_len] steps t..t+pre_len-1
+    future_mask = action_index + 1 < case_end[origin][:, None]
+    acted = np.where(future_mask, action_index, 0)
+    reached = np.where(future_mask, action_index + 1, 0)
+    return Windows(
+        history=history,
+        history_mask=history_mask,
+        static=steps.static[origin],
+        actions=np.where(future_mask[..., None], rates[acted], 0).astype(np.int64),
+        target_bis=np.where(future_mask, _round_clip(vitals[reached, 0], BIS_MAX), 0),
+        target_map=np.where(future_mask, _round_clip(vitals[reached, 1], MAP_MAX), 0),
+        rewards=np.where(future_mask, step_reward[acted], 0.0).astype(np.float32),
+        returns=step_return[origin].astype(np.float32),
+        future_mask=future_mask,
+        case_ids=steps.cases[origin],
+        times=frame[TIME].to_numpy(np.float64)[origin],
+        feature_names=history_features(window_config),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class DecisionInputs:
+    """The model's input at the last step of every case of a frame (one row per case, sorted by
+    case id), laid out as `build_windows` lays out a training window at that step."""
+
+    history: np.ndarray  # [C, max_len, F] float32, real steps right-aligned, zeros before the case
+    history_mask: np.ndarray  # [C, max_len] bool
+    static: np.ndarray  # [C, S] float32
+    case_ids: np.ndarray  # [C] object (str)
+    times: np.ndarray  # [C] float64, time of the last step, s
+    steps: np.ndarray  # [C] int64, steps of the case (the last one included)
+    feature_names: tuple[str, ...] = HISTORY_FEATURES
+
+
+def decision_inputs(frame: pd.DataFrame, window_config: WindowConfig) -> DecisionInputs:
+    """What the model reads when it decides at the last step of each case: the history of a
+    training window whose step t is that last step (which `build_windows` never makes, as no
+    later step exists to learn from). One code path with `build_windows`, so a recommendation
+    sees exactly what training saw."""
+    steps = _case_steps(frame, window_config)
+    origin = steps.ends - 1
+    history, history_mask = steps.history_at(origin, window_config.max_len)
+    return DecisionInputs(
+        history=history,
+        history_mask=history_mask,
+        static=steps.static[origin],
+        case_ids=steps.cases[origin],
+        times=steps.frame[TIME].to_numpy(np.float64)[origin],
+        steps=(steps.ends - steps.starts).astype(np.int64),
+        feature_names=history_features(window_config),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _CaseSteps:
+    """A loaded frame sorted by (case, time), with every step's history features."""
+
+    frame: pd.DataFrame
+    cases: np.ndarray  # [N] object (str)
+    starts: np.ndarray  # [C] first step of each case
+    ends: np.ndarray  # [C] one past its last step
+    case_start: np.ndarray  # [N] first step of the step's case
+    case_end: np.ndarray  # [N] one past the last step of the step's case
+    vitals: np.ndarray  # [N, 5] float64
+    rates: np.ndarray  # [N, 2] int64
+    observations: np.ndarray  # [N, F] float32: vitals, rates set one step before, option flag (and concentrations)
+    static: np.ndarray  # [N, S] float32
+
+    def history_at(self, origin: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """History [W, max_len, F] float32 and mask [W, max_len] of windows whose step t is `origin`."""
+        history_index = origin[:, None] + np.arange(-max_len + 1, 1)  # [W, max_len]
+        history_mask = history_index >= self.case_start[origin][:, None]
+        picked = self.observations[np.where(history_mask, history_index, 0)]
+        return np.where(history_mask[..., None], picked, np.float32(0)).astype(np.float32), history_mask
+
+
+def _case_steps(frame: pd.DataFrame, window_config: WindowConfig) -> _CaseSteps:
     _check_frame(frame)
     frame = frame.sort_values([CASE_ID, TIME], kind="stable").reset_index(drop=True)
     n_steps = len(frame)
     cases = frame[CASE_ID].astype(str).to_numpy(dtype=object)
-    position = np.arange(n_steps)
     first_of_case = np.r_[True, cases[1:] != cases[:-1]] if n_steps else np.zeros(0, dtype=bool)
     starts = np.flatnonzero(first_of_case)
     ends = np.r_[starts[1:], n_steps]
@@ -149,39 +240,8 @@ def build_windows(
     if window_config.concentrations:
         parts.append(_case_concentrations(frame, starts, ends, rates))
     observations = np.concatenate(parts, axis=1).astype(np.float32)  # [N, F]
-
-    # step_reward[s]: reward of reaching step s+1 (0 on a case's last step, which has no successor).
-    has_next = position + 1 < case_end
-    following = np.where(has_next, position + 1, position)
-    step_reward = np.where(has_next, reward.reward(vitals[following, 0], vitals[following, 1]), 0.0)
-    step_return = np.zeros(n_steps)
-    for start, end in zip(starts, ends):
-        step_return[start:end] = discounted_suffix_sums(step_reward[start:end], window_config.gamma)
-
-    origin = np.flatnonzero(has_next)  # [W] step t of each window
-    lags = np.arange(-window_config.max_len + 1, 1)
-    history_index = origin[:, None] + lags  # [W, max_len]
-    history_mask = history_index >= case_start[origin][:, None]
-    history = np.where(history_mask[..., None], observations[np.where(history_mask, history_index, 0)], np.float32(0))
-
-    action_index = origin[:, None] + np.arange(window_config.pre_len)  # [W, pre_len] steps t..t+pre_len-1
-    future_mask = action_index + 1 < case_end[origin][:, None]
-    acted = np.where(future_mask, action_index, 0)
-    reached = np.where(future_mask, action_index + 1, 0)
-    return Windows(
-        history=history.astype(np.float32),
-        history_mask=history_mask,
-        static=frame[list(COVARIATES)].to_numpy(np.float32)[origin],
-        actions=np.where(future_mask[..., None], rates[acted], 0).astype(np.int64),
-        target_bis=np.where(future_mask, _round_clip(vitals[reached, 0], BIS_MAX), 0),
-        target_map=np.where(future_mask, _round_clip(vitals[reached, 1], MAP_MAX), 0),
-        rewards=np.where(future_mask, step_reward[acted], 0.0).astype(np.float32),
-        returns=step_return[origin].astype(np.float32),
-        future_mask=future_mask,
-        case_ids=cases[origin],
-        times=frame[TIME].to_numpy(np.float64)[origin],
-        feature_names=history_features(window_config),
-    )
+    static = frame[list(COVARIATES)].to_numpy(np.float32)
+    return _CaseSteps(frame, cases, starts, ends, case_start, case_end, vitals, rates, observations, static)
 
 
 def history_features(config: WindowConfig) -> tuple[str, ...]:
@@ -195,8 +255,10 @@ def _case_concentrations(frame: pd.DataFrame, starts: np.ndarray, ends: np.ndarr
     lengths = ends - starts
     longest = int(lengths.max()) if len(starts) else 0
     time = frame[TIME].to_numpy(np.float64)
-    gaps = time[starts + 1] - time[starts]  # one decision step (build_windows checked they are equal)
-    step_s = float(gaps[lengths > 1][0]) if (lengths > 1).any() else 60.0
+    # One decision step (build_windows checked they are equal); a frame of one-step cases has no
+    # gap, and needs none: its only step comes before any infusion.
+    multi = starts[lengths > 1]
+    step_s = float(time[multi[0] + 1] - time[multi[0]]) if multi.size else 60.0
     within = np.arange(longest)[None, :] < lengths[:, None]  # [C, T]
     index = np.where(within, starts[:, None] + np.arange(longest)[None, :], 0)
     padded = np.where(within[..., None], rates[index], 0)  # [C, T, 2]

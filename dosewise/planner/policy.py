@@ -6,6 +6,7 @@ dose limits."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -101,13 +102,22 @@ class PlannerPolicy:
     @torch.no_grad()
     def __call__(self, history: CaseHistory) -> tuple[np.ndarray, np.ndarray]:
         window, mask, static = history_window(history, self.model.max_len, self.induction_s, self.step_s, self.model.concentrations)
-        inputs = torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static)
-        allowed = dose_mask(window.shape[0], self.max_rate, self.min_rate)
+        levels = self.decide(torch.from_numpy(window), torch.from_numpy(mask), torch.from_numpy(static)).action.numpy()
+        return levels[:, 0].astype(np.int64), levels[:, 1].astype(np.int64)
+
+    @torch.no_grad()
+    def decide(self, history: Tensor, history_mask: Tensor, static: Tensor) -> Decision:
+        """The rates for every row of model inputs (`PlannerModel.represent`'s), and the sequence
+        the mode planned to reach them where it plans one."""
+        inputs = history, history_mask, static
+        allowed = dose_mask(history.shape[0], self.max_rate, self.min_rate)
+        plan = None
         if self.mode == "argmax":
             memory, _ = self.model.represent(*inputs)
             levels = decode_levels(masked_log_policy(self.model, memory[:, -1], allowed), self.decoding)
         elif self.mode == "beam":
-            levels = beam_search(self.model, *inputs, self.beam, allowed).action
+            result = beam_search(self.model, *inputs, self.beam, allowed)
+            levels, plan = result.action, result.plan
         elif self.mode == "mcts":
             from dosewise.planner.mcts import MCTSConfig, search
             from dosewise.planner.search_model import planner_search_fns
@@ -118,10 +128,20 @@ class PlannerPolicy:
         elif self.mode == "mpc":
             config = self.mpc or MPCConfig(horizon=self.model.pre_len)
             levels = mpc_plan(self.model, *inputs, config, allowed).action
+            plan = levels[:, None, :].expand(-1, config.horizon, -1)  # every candidate holds its rates
         else:
             raise ValueError(f"unknown planning mode {self.mode!r}; expected argmax, beam, mcts or mpc")
-        levels = levels.numpy()
-        return levels[:, 0].astype(np.int64), levels[:, 1].astype(np.int64)
+        return Decision(action=levels, plan=plan)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What `PlannerPolicy.decide` chose."""
+
+    action: Tensor  # [N, 2] int64 rate levels (mL/h) to set now
+    # [N, k, 2] int64 the sequence the mode scored, action first: beam search's best sequence
+    # (k = depth), MPC's candidate held for its horizon; None for argmax and MCTS, which plan no sequence.
+    plan: Tensor | None = None
 
 
 def decode_levels(log_policy: Tensor, decoding: Decoding = "argmax") -> Tensor:
@@ -142,14 +162,24 @@ def decode_levels(log_policy: Tensor, decoding: Decoding = "argmax") -> Tensor:
 def planning_modes(run: PlannerRunConfig) -> dict[str, Callable[[PlannerModel], PlannerPolicy]]:
     """Policy factories `planner_<mode>` for the modes and dose limits of `run.closed_loop`
     (a `PlannerRunConfig`); searches discount with the run's γ and plan at most pre_len steps."""
+    return {f"planner_{mode}": (lambda model, mode=mode: planner_policy(run, model, mode)) for mode in run.closed_loop.modes}
+
+
+def planner_policy(
+    run: PlannerRunConfig, model: PlannerModel, mode: PlanningMode, max_rate: tuple[int, int] | None = None
+) -> PlannerPolicy:
+    """The policy of one planning mode with the settings of `run` (`planning_modes`), for any of
+    the four modes; `max_rate` (mL/h) replaces the run's closed_loop.max_rate."""
     from dosewise.planner.mcts import MCTSConfig
 
-    loop, gamma = run.closed_loop, run.windows.gamma
-    common = {"max_rate": loop.max_rate, "induction_s": run.windows.induction_s}
+    loop, gamma, pre_len = run.closed_loop, run.windows.gamma, run.windows.pre_len
     settings = {
         "argmax": {},
-        "beam": {"beam": BeamConfig(gamma=gamma, depth=min(BeamConfig().depth, run.windows.pre_len))},
-        "mcts": {"mcts": MCTSConfig(gamma=gamma, max_depth=run.windows.pre_len)},
-        "mpc": {"mpc": loop.mpc.model_copy(update={"horizon": min(loop.mpc.horizon, run.windows.pre_len)})},
+        "beam": {"beam": BeamConfig(gamma=gamma, depth=min(BeamConfig().depth, pre_len))},
+        "mcts": {"mcts": MCTSConfig(gamma=gamma, max_depth=pre_len)},
+        "mpc": {"mpc": loop.mpc.model_copy(update={"horizon": min(loop.mpc.horizon, pre_len)})},
     }
-    return {f"planner_{mode}": (lambda model, mode=mode: PlannerPolicy(model, mode, **settings[mode], **common)) for mode in loop.modes}
+    if mode not in settings:
+        raise ValueError(f"unknown planning mode {mode!r}; expected argmax, beam, mcts or mpc")
+    limits = loop.max_rate if max_rate is None else max_rate
+    return PlannerPolicy(model, mode, **settings[mode], max_rate=limits, induction_s=run.windows.induction_s)

@@ -128,6 +128,30 @@ def closed_loop_comparison(
     return evaluate_policies({**policies, "simulated_anesthesiologist": clinician}, n_cases=n_cases, seed=seed, spec=spec)
 
 
+def planner_vs_baselines(
+    model: PlannerModel,
+    run: PlannerRunConfig,
+    n_cases: int,
+    seed: int,
+    spec: CaseSpec | None = None,
+    modes: tuple[str, ...] | None = None,
+) -> dict:
+    """The simulated anesthesiologist ("clinician", its own draws seeded seed + 1), the dual-loop
+    PID ("pid") and the planner in `modes` (default the run's closed_loop.modes, as `planning_modes`
+    builds them: "planner_<mode>") on the same `n_cases` held-out cases (`evaluate_policies`)."""
+    from dosewise.sim.anesthesia.pid import DualLoopPID
+
+    spec = spec or CaseSpec()
+    if modes is not None:
+        run = run.model_copy(update={"closed_loop": run.closed_loop.model_copy(update={"modes": tuple(modes)})})
+    policies = {
+        "clinician": lambda cohort: SimulatedAnesthesiologist(cohort, seed + 1, step_s=spec.step_s),
+        "pid": lambda cohort: DualLoopPID(cohort),
+        **{name: (lambda cohort, make=make: make(model)) for name, make in planning_modes(run).items()},
+    }
+    return evaluate_policies(policies, n_cases=n_cases, seed=seed, spec=spec)
+
+
 def evaluate_planner_run(result: PlannerRun, run: PlannerRunConfig, out: str | Path, echo: Callable[[str], Any] = print) -> dict:
     """The trained planner in the modes of `run.closed_loop` next to the simulated anesthesiologist
     on `run.closed_loop.cases` held-out simulated cases, added to the run's summary (and its
