@@ -111,30 +111,23 @@ def write_text_atomic(path: str | Path, text: str, run_dir: str | Path | None = 
     return write_bytes_atomic(path, text.encode("utf-8"), run_dir)
 
 
-def _first_non_finite(obj: Any, where: str = "") -> str | None:
-    """The key path of the first NaN or infinite float in a JSON-like object, or None."""
-    if isinstance(obj, float):
-        return (where or "<top>") if not math.isfinite(obj) else None
+def json_safe(obj: Any) -> Any:
+    """`obj` as strict-JSON values: NaN and infinities (a metric no case reached, a diverged loss)
+    become None (null), numpy scalars and arrays Python numbers and lists, tuples lists."""
     if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, list | tuple):
-        items = enumerate(obj)
-    else:
-        return None
-    for key, value in items:
-        found = _first_non_finite(value, f"{where}.{key}" if where else str(key))
-        if found is not None:
-            return found
-    return None
+        return {str(key): json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(value) for value in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, str | bytes):  # numpy arrays and scalars
+        return json_safe(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
 
 
 def write_json_atomic(obj: Any, path: str | Path, run_dir: str | Path | None = None, indent: int | None = 2, default=None) -> Path:
-    """Strict JSON (``allow_nan=False``), written atomically; a NaN or infinity is a ValueError naming its key."""
-    try:
-        text = json.dumps(obj, indent=indent, allow_nan=False, default=default)
-    except ValueError:
-        where = _first_non_finite(obj)
-        raise ValueError(f"{path}: {where} is not a finite number, which strict JSON cannot hold") from None
+    """Strict JSON (`json_safe`: NaN and infinity as null, never the non-standard NaN token), written atomically."""
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False, default=default)
     return write_text_atomic(path, text + "\n", run_dir)
 
 

@@ -5,36 +5,18 @@ dual-loop PID on held-out simulated cases (`closed_loop.planner_vs_baselines`)."
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dosewise.checkpoint import CheckpointError
+from dosewise.checkpoint import CheckpointError, json_safe
 from dosewise.evaluate.anesthesia.closed_loop import planner_vs_baselines
 from dosewise.evaluate.anesthesia.offline import planner_offline
 from dosewise.planner.training import load_planner
 from dosewise.sim.anesthesia.cases import SHIFTED_SPEC, CaseSpec
 
 SHIFTED_COHORT = "age 70-90, BMI 30-40, C50 of propofol and remifentanil / 1.3"
-
-
-def strict(obj: Any) -> Any:
-    """`obj` with numpy scalars as Python numbers and NaN or infinity as None: strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): strict(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [strict(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return strict(obj.tolist())
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 def shifted_spec(spec: CaseSpec) -> CaseSpec:
@@ -102,4 +84,4 @@ def evaluate_planner_dir(
     if shifted:
         echo(f"closed loop on the shifted cohort ({SHIFTED_COHORT})")
         extra = {**header, "cohort": SHIFTED_COHORT, **planner_vs_baselines(model, run, cases, seed, shifted_spec(spec), modes)}
-    return PlannerEvaluation(str(run_dir), strict(offline), strict(closed), strict(extra) if extra is not None else None)
+    return PlannerEvaluation(str(run_dir), json_safe(offline), json_safe(closed), json_safe(extra) if extra is not None else None)
