@@ -40,13 +40,12 @@ from dosewise.data.kinds import DATA_KINDS, DATA_PRESETS, anesthesia_preset, det
 from dosewise.data.loading import DataError, DataReport, load_table
 from dosewise.data.transitions import build_transitions
 from dosewise.evaluate.anesthesia.closed_loop import evaluate_planner_run
-from dosewise.evaluate.anesthesia.run_evaluation import PlannerEvaluation, evaluate_planner_dir
+from dosewise.evaluate.anesthesia.run_evaluation import evaluate_planner_dir
 from dosewise.evaluate.anesthesia.strategies import compare_strategies
 from dosewise.planner.config import PlannerRunConfig
 from dosewise.planner.recommend import PlannerRecommendation
 from dosewise.planner.run import resolve_run, train_from_file
 from dosewise.planner.training import PlannerRun
-from dosewise.sim.anesthesia.cases import CaseSpec
 
 # Outcomes compared member by member in an ensemble's evaluation.
 MEMBER_OUTCOMES = ("auc_in_target_frac", "aki_rate", "mean_return")
@@ -240,25 +239,9 @@ def evaluate_iql(
     return IQLEvaluation(offline=offline, closed_loop=closed_loop, ope=estimates, ensemble=ensemble)
 
 
-def evaluate_planner(
-    run: str | Path,
-    cases: int | None = None,
-    seed: int | None = None,
-    data: str | Path | None = None,
-    *,
-    modes: tuple[str, ...] | None = None,
-    shifted: bool = False,
-    spec: CaseSpec | None = None,
-    max_windows: int | None = None,
-    echo: Echo = lambda _: None,
-) -> PlannerEvaluation:
-    """A planner run's offline metrics on its held-out windows (the test cases of its data file,
-    or the validation cases without a test share; without the file, the last validation epoch of
-    training) and the closed loop of clinician, PID and the planner's modes on `cases` held-out
-    simulated cases (default: the run's closed_loop.cases and .seed) drawn from `spec` (default
-    `CaseSpec()`; `shifted` adds its shifted population), with 95 % bootstrap CIs;
-    `PlannerEvaluation.to_dict()` is the evaluation JSON."""
-    return evaluate_planner_dir(run, cases, seed, data, modes=modes, shifted=shifted, spec=spec, max_windows=max_windows, echo=echo)
+# A planner run's offline metrics on its held-out windows and its closed loop next to the clinician
+# and the PID, with 95 % bootstrap intervals (`PlannerEvaluation.to_dict()` is the evaluation JSON).
+evaluate_planner = evaluate_planner_dir
 
 
 def recommend_iql(
