@@ -26,8 +26,9 @@ import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import pandas as pd
 import yaml
 
 from dosewise.algos.config import IQLRunConfig, TrainConfig
@@ -43,9 +44,15 @@ from dosewise.evaluate.anesthesia.closed_loop import evaluate_planner_run
 from dosewise.evaluate.anesthesia.run_evaluation import evaluate_planner_dir
 from dosewise.evaluate.anesthesia.strategies import compare_strategies
 from dosewise.planner.config import PlannerRunConfig
+from dosewise.planner.model import PlannerModel
 from dosewise.planner.recommend import PlannerRecommendation
 from dosewise.planner.run import resolve_run, train_from_file
 from dosewise.planner.training import PlannerRun
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from dosewise.algos.export import ExportResult
 
 # Outcomes compared member by member in an ensemble's evaluation.
 MEMBER_OUTCOMES = ("auc_in_target_frac", "aki_rate", "mean_return")
@@ -270,36 +277,41 @@ def recommend_iql(
 
 
 def recommend_planner(
-    run: str | Path,
-    history_path: str | Path,
+    run: str | Path | tuple[PlannerModel, PlannerRunConfig],
+    history: str | Path | pd.DataFrame,
     case_id: str | None = None,
     mode: str | None = None,
     max_propofol: int | None = None,
     max_remifentanil: int | None = None,
     data_preset: str | None = None,
 ) -> PlannerRecommendation:
-    """The next propofol and remifentanil rates for the case so far in `history_path` (.csv or
-    .parquet), with the planner run `run` (a directory or its model.pt): the predicted BIS and MAP
-    under them and under the current rates, their learned value, and warnings.
+    """The next propofol and remifentanil rates for the case so far in `history` (a .csv or
+    .parquet file, or its rows as a DataFrame), with the planner run `run` (a directory, its
+    model.pt, or what `load_planner` returned): the predicted BIS and MAP under them and under the
+    current rates, their learned value, and warnings.
 
-    The file is read by `load_cases` under the run's data config, the contract the run trained
+    The history is read by `load_cases` under the run's data config, the contract the run trained
     on (impossible vitals masked, short gaps carried forward, the same step); `data_preset`
     (canonical or vitaldb) takes that preset's column names instead, and the run's other settings.
     `case_id` picks one of several cases; `mode` defaults to the run's closed_loop.default_mode,
     the dose limits (mL/h) to its closed_loop.max_rate."""
+    from dosewise.data.anesthesia import load_case_rows
     from dosewise.planner.recommend import recommend_planner as recommend_case
     from dosewise.planner.training import load_planner
 
-    if run_kind(run) != "planner":
-        raise ConfigError(f"{run}: an IQL run; planner recommendations need a run of `dosewise train planner` (IQL runs take a state)")
-    model, config = load_planner(run)
+    if isinstance(run, tuple):
+        model, config = run
+    else:
+        if run_kind(run) != "planner":
+            raise ConfigError(f"{run}: an IQL run; planner recommendations need a run of `dosewise train planner` (IQL runs take a state)")
+        model, config = load_planner(run)
     data = config.data
     if data_preset is not None:
         if data_preset not in DATA_PRESETS:
             raise ConfigError(f"unknown data preset '{data_preset}'; expected one of: {', '.join(DATA_PRESETS)}")
         layout = DATA_PRESETS[data_preset]
         data = data.model_copy(update={name: getattr(layout, name) for name in ("case_id", "time", "tracks", "covariates")})
-    frame, report = load_cases(history_path, data)
+    frame, report = load_case_rows(history, data, "history") if isinstance(history, pd.DataFrame) else load_cases(history, data)
     limits = config.closed_loop.max_rate
     max_rate = (limits[0] if max_propofol is None else max_propofol, limits[1] if max_remifentanil is None else max_remifentanil)
     return recommend_case(model, config, frame, case_id=case_id, mode=mode, max_rate=max_rate, report=report)
@@ -338,6 +350,22 @@ def train_planner_from_file(
 # strategy comparison, as the API names them.
 resolve_planner_run = resolve_run
 compare_planner_strategies = compare_strategies
+
+
+def export_iql(run: str | Path | TrainedIQL, out: str | Path, fmt: str = "onnx", check: bool = True) -> ExportResult:
+    """The vancomycin policy and critics as ONNX or TorchScript for serving elsewhere, checked
+    against PyTorch when `check`; a JSON description lands next to it (`ExportResult.sidecar`)."""
+    from dosewise.algos.export import export_iql as export
+
+    return export(run, out, fmt, check=check)
+
+
+def service_app(runs: list[str | Path], db: str | None = None, host: str = "127.0.0.1") -> FastAPI:
+    """The decision-support service over `runs` as an ASGI app (for uvicorn, or httpx in tests),
+    audit log and tokens at `db` (default $DOSEWISE_HOME/serve.db); `dosewise serve` runs it."""
+    from dosewise.serve.server import build_app
+
+    return build_app(runs, db, host)
 
 
 def write_table(frame, out: str | Path) -> Path:

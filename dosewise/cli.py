@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import warnings
@@ -678,6 +679,120 @@ def _recommend_planner(
     console.print(f"learned value (reward units): plan {rec.value_plan:.3f}, keep current {rec.value_keep_current:.3f}")
     for warning in rec.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+@app.command("export")
+@friendly_errors
+def export_command(
+    run: Annotated[Path, typer.Option(help="IQL run directory (or its model.pt), e.g. runs/demo/iql.")],
+    out: Annotated[Path, typer.Option(help="File to write, e.g. policy.onnx; its description goes to OUT.json.")],
+    format: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    check: Annotated[bool, typer.Option(help="Load the written file back and compare it with PyTorch on probe states.")] = True,
+    opset: Annotated[int, typer.Option(min=13, help="ONNX opset.")] = 18,
+) -> None:
+    """Export the vancomycin policy and its critics for serving elsewhere: inputs state [N, D] in raw
+    clinical units and action [N, 1]; outputs policy_action, q_value and value, each [N]."""
+    from dosewise.algos.export import ExportError, export_iql
+
+    try:
+        result = export_iql(run, out, format, check=check, opset=opset)
+    except ExportError as err:
+        raise ConfigError(str(err)) from None
+    diff = ", ".join(f"{name} {value:.1e}" for name, value in result.max_abs_diff.items())
+    console.print(f"wrote {result.path} ({result.format}, {result.members} member(s), inputs {', '.join(result.feature_names)})")
+    console.print(f"described in {result.sidecar}" + (f"; max |difference| from PyTorch: {diff}" if result.max_abs_diff else ""))
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+serve_app = typer.Typer(
+    invoke_without_command=True,
+    help="Serve runs as decision support: HTTP API, web page, audit log, CDS Hooks. `dosewise serve --run RUN`.",
+)
+token_app = typer.Typer(no_args_is_help=True, help="Bearer tokens of the service (stored hashed in its database).")
+serve_app.add_typer(token_app, name="token")
+app.add_typer(serve_app, name="serve")
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="Audit and token database URL: sqlite:///FILE or postgresql://... (default: $DOSEWISE_HOME/serve.db)."),
+]
+
+
+@serve_app.callback()
+@friendly_errors
+def serve_command(
+    ctx: typer.Context,
+    run: Annotated[
+        list[str] | None, typer.Option("--run", help="Run directory to serve (repeat for several; ID=PATH names it). E.g. runs/demo/iql.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; any other than loopback needs a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+    db: DbOption = None,
+) -> None:
+    """Serve runs: the page at /, the API under /v1 (OpenAPI at /docs), CDS Hooks at /cds-services."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dosewise.serve.server import serve
+
+    with _store_errors():
+        serve(run or [], host=host, port=port, db=db, echo=console.print)
+
+
+@token_app.command("create")
+@friendly_errors
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who or what uses the token, e.g. ward-3 or pharmacy-bot.")], db: DbOption = None
+) -> None:
+    """Create a token; it is printed once and stored only as its hash."""
+    with _store_errors() as open_store:
+        store = open_store(db)
+        token = store.create_token(name)
+        store.close()
+    errors.print(f"token '{name}' created; it is shown only now. Clients send it as 'Authorization: Bearer <token>'.")
+    print(token)
+
+
+@token_app.command("list")
+@friendly_errors
+def token_list(db: DbOption = None) -> None:
+    """The active tokens: name, creation time and first characters (never the token)."""
+    with _store_errors() as open_store:
+        store = open_store(db)
+        tokens = store.tokens()
+        store.close()
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("name", "created", "starts with"):
+        table.add_column(column)
+    for info in tokens:
+        table.add_row(info.name, info.created.isoformat(timespec="seconds"), info.prefix + "...")
+    console.print(table if tokens else "no token: auth is off (the service then serves loopback only)")
+
+
+@token_app.command("revoke")
+@friendly_errors
+def token_revoke(name: Annotated[str, typer.Argument(help="Name of the token.")], db: DbOption = None) -> None:
+    """Revoke a token: requests with it are refused from now on (the audit log keeps its name)."""
+    with _store_errors() as open_store:
+        store = open_store(db)
+        revoked = store.revoke_token(name)
+        store.close()
+    if not revoked:
+        raise ConfigError(f"no active token named '{name}' (see `dosewise serve token list`)")
+    console.print(f"token '{name}' revoked")
+
+
+@contextlib.contextmanager
+def _store_errors():
+    """A database that cannot be opened is one line naming it, like any other bad input."""
+    from dosewise.serve.store import Store, StoreError
+
+    try:
+        yield Store
+    except (StoreError, ValueError) as err:  # ValueError: a token name that is not allowed or taken
+        raise ConfigError(str(err)) from None
 
 
 # -- demo ---------------------------------------------------------------------------------------

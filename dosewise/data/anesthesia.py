@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dosewise.data.loading import DataError, _RawTable, read_table
+from dosewise.data.loading import DataError, _RawTable, read_table, rows_table
 
 # Canonical column names of a loaded frame.
 CASE_ID = "case_id"
@@ -297,7 +297,16 @@ def load_cases(path: str | Path, config: AnesthesiaDataConfig) -> tuple[pd.DataF
     Raises DataError for anything that cannot be trusted (a non-number, inf, NaN text or a value
     float32 cannot hold, a rate outside 0..RATE_MAX, conflicting rows, changing covariates).
     """
-    raw = read_table(Path(path))
+    return _load_raw(read_table(Path(path)), config)
+
+
+def load_case_rows(rows: pd.DataFrame, config: AnesthesiaDataConfig, source: str = "request") -> tuple[pd.DataFrame, CaseReport]:
+    """`load_cases` for rows already in memory (the service's JSON case history): the same checks,
+    repairs and report, errors naming `source` and the 1-based row."""
+    return _load_raw(rows_table(rows, source), config)
+
+
+def _load_raw(raw: _RawTable, config: AnesthesiaDataConfig) -> tuple[pd.DataFrame, CaseReport]:
     _require_columns(raw, config)
     if len(raw.frame) == 0:
         raise DataError(f"{raw.path}: no data rows: the file has a header but no data rows")
@@ -577,7 +586,7 @@ def _parse_numbers(raw: _RawTable, config: AnesthesiaDataConfig, cases: pd.Serie
             upper = column.astype("string").str.upper()
             for code, number in SEX_CODES.items():
                 column = column.mask((upper == code).fillna(False).to_numpy(dtype=bool), number)
-        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
         missing = column.isna().to_numpy()
         if not text:
             missing = missing | np.isnan(values)  # a NaN stored in a numeric Parquet column is missing too

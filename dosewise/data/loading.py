@@ -177,6 +177,12 @@ def read_table(path: Path) -> _RawTable:
     return _read_csv(path) if suffix == ".csv" else _read_parquet(path)
 
 
+def rows_table(frame: pd.DataFrame, source: str) -> _RawTable:
+    """Rows already in memory (a request's JSON rows) read as a Parquet file is: numbered from 1,
+    errors naming `source`."""
+    return _RawTable(source, _blanks_to_na(frame.reset_index(drop=True)), np.arange(1, len(frame) + 1), "row")
+
+
 def _read_csv(path: Path) -> _RawTable:
     # Everything as text, so an empty cell (missing) stays distinguishable from 'abc' (an error).
     # Blank lines are kept while reading so that row positions map onto file lines.
