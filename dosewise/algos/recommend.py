@@ -154,7 +154,7 @@ def recommend(model: TrainedIQL, state: Mapping[str, object], allow_out_of_range
     if abs(float(grid[best]) - policy) > GREEDY_DISAGREEMENT:
         warnings.append(
             f"greedy action {grid[best]:+.2f} is far from the policy's {policy:+.2f}: the Q-curve peaks where the "
-            "clinicians' data is thin; prefer policy_action"
+            "clinicians' data is thin; prefer the policy's action, the recommendation"
         )
     return Recommendation(
         state=values,

@@ -180,7 +180,7 @@ def read_table(path: Path) -> _RawTable:
 def rows_table(frame: pd.DataFrame, source: str) -> _RawTable:
     """Rows already in memory (a request's JSON rows) read as a Parquet file is: numbered from 1,
     errors naming `source`."""
-    return _RawTable(source, _blanks_to_na(frame.reset_index(drop=True)), np.arange(1, len(frame) + 1), "row")
+    return _RawTable(source, _blanks_to_na(frame.reset_index(drop=True), source), np.arange(1, len(frame) + 1), "row")
 
 
 def _read_csv(path: Path) -> _RawTable:
@@ -192,7 +192,7 @@ def _read_csv(path: Path) -> _RawTable:
         raise DataError(f"{path}: the file is empty; expected a header line with column names") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read as CSV: {err}") from None
-    frame = _blanks_to_na(frame)
+    frame = _blanks_to_na(frame, str(path))
     positions = np.arange(2, len(frame) + 2)  # the header is line 1
     blank_line = frame.isna().all(axis=1).to_numpy()
     return _RawTable(str(path), frame[~blank_line].reset_index(drop=True), positions[~blank_line], "line", int(blank_line.sum()))
@@ -206,11 +206,14 @@ def _read_parquet(path: Path) -> _RawTable:
     # A frame saved with a named index keeps its columns (e.g. patient_id) there.
     named_index = any(name is not None for name in frame.index.names)
     frame = frame.reset_index(drop=not named_index)
-    return _RawTable(str(path), _blanks_to_na(frame), np.arange(1, len(frame) + 1), "row")
+    return _RawTable(str(path), _blanks_to_na(frame, str(path)), np.arange(1, len(frame) + 1), "row")
 
 
-def _blanks_to_na(frame: pd.DataFrame) -> pd.DataFrame:
+def _blanks_to_na(frame: pd.DataFrame, path: str) -> pd.DataFrame:
     frame = frame.rename(columns=lambda name: str(name).strip())
+    repeated = sorted(set(frame.columns[frame.columns.duplicated()]))
+    if repeated:
+        raise DataError(f"{path}: column name(s) {', '.join(map(repr, repeated))} given more than once (spaces around names are ignored)")
     for name in frame.columns:
         column = frame[name]
         if pd.api.types.is_string_dtype(column) or column.dtype == object:

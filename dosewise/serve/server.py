@@ -7,12 +7,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastapi import FastAPI
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from dosewise.config import ConfigError
 from dosewise.serve.app import create_app
 from dosewise.serve.registry import load_models
 from dosewise.serve.service import Service
 from dosewise.serve.store import Store
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def is_loopback(host: str) -> bool:
@@ -37,6 +40,10 @@ def build_app(runs: Sequence[str | Path], db: str | None = None, host: str = "12
             "Create one with `dosewise serve token create NAME` (same --db), or serve on 127.0.0.1"
         )
     app = create_app(Service(models), store)
+    if is_loopback(host):
+        # A page on another site that resolves its own name to 127.0.0.1 (DNS rebinding) would
+        # reach a loopback server, auth off or not: only requests addressed to loopback are served.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_NAMES))
     app.state.host = host
     return app
 

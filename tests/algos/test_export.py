@@ -212,3 +212,23 @@ def test_an_exporter_failure_is_an_export_error_and_writes_nothing(runs, tmp_pat
     ):
         export_iql(runs["single"], tmp_path / "policy.pt", "torchscript")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command_writes_a_checked_file_and_names_bad_input(runs, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dosewise.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "policy.pt"
+    result = runner.invoke(app, ["export", "--run", str(runs["single"]), "--out", str(out), "--format", "torchscript"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and (tmp_path / "policy.pt.json").is_file() and "max |difference| from PyTorch" in result.output
+    loaded = torch.jit.load(str(out))
+    model = TrainedIQL.load(runs["single"])
+    states, actions = _fresh_states(model, 5, seed=3)
+    policy, _, _ = loaded(torch.from_numpy(states), torch.from_numpy(actions))
+    np.testing.assert_allclose(policy.numpy(), model.policy_action(states), rtol=1e-5, atol=1e-5)
+
+    bad = runner.invoke(app, ["export", "--run", str(runs["single"]), "--out", str(tmp_path / "p.tf"), "--format", "tf"])
+    assert bad.exit_code == 2 and "unknown export format 'tf'" in bad.output and "Traceback" not in bad.output

@@ -199,7 +199,7 @@ def test_greedy_far_from_policy_earns_a_warning(model: TrainedIQL, monkeypatch: 
     assert rec.policy_action == policy
     far = [w for w in rec.warnings if "greedy action" in w]
     assert len(far) == 1
-    assert f"{-1.0:+.2f}" in far[0] and f"{policy:+.2f}" in far[0] and "prefer policy_action" in far[0]
+    assert f"{-1.0:+.2f}" in far[0] and f"{policy:+.2f}" in far[0] and "prefer the policy's action" in far[0]
     assert _range_warnings(rec) == []
 
 

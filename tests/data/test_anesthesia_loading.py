@@ -26,6 +26,7 @@ from dosewise.data.anesthesia import (
     RATES,
     TRACKS,
     VITALS,
+    load_case_rows,
 )
 
 FLOAT_COLUMNS = ["time", *VITALS, *COVARIATES]
@@ -370,3 +371,19 @@ def test_reward_is_elementwise_and_hypotension_is_worst() -> None:
     # A just-hypotensive step at target depth costs as much as a BIS 20 points out of the window.
     assert reward.reward(50, 64.999) == pytest.approx(reward.reward(80, 80), abs=1e-3)
     assert reward.reward(50, 64.999) - reward.reward(50, 65) < -2.0
+
+
+def test_rows_in_memory_load_as_the_file_does_and_repeated_columns_are_named(tiny_cases_file, tmp_path):
+    """The service's JSON history goes through the file loader's checks: same frame and report
+    counts; two columns that only differ by spaces are refused, in a file and in memory."""
+    raw = pd.read_parquet(tiny_cases_file)
+    from_file, file_report = load_cases(tiny_cases_file, CANONICAL)
+    in_memory, memory_report = load_case_rows(pd.DataFrame.from_records(raw.to_dict("records")), CANONICAL, "history")
+    pd.testing.assert_frame_equal(in_memory, from_file)
+    assert memory_report.path == "history" and memory_report.rows_used == file_report.rows_used
+    with pytest.raises(DataError, match=r"^history: column name\(s\) 'BIS' given more than once"):
+        load_case_rows(raw.assign(**{" BIS": raw["BIS"]}), CANONICAL, "history")
+    path = tmp_path / "repeated.csv"
+    raw.rename(columns={"MAP": "BIS "}).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"repeated.csv: column name\(s\) 'BIS' given more than once"):
+        load_cases(path, CANONICAL)
