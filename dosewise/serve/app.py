@@ -19,7 +19,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -66,14 +65,16 @@ def presented_token(request: Request) -> str | None:
 
 def authenticate(request: Request) -> str | None:
     """The token's name; None when auth is off (no token exists). 401 otherwise."""
+    if getattr(request.state, "authenticated", False):  # checked already, before the body was read (ApiRoute)
+        return request.state.token_name
     store: Store = request.app.state.store
-    if not store.has_tokens():
-        return None
-    token = presented_token(request)
-    name = store.token_name(token) if token else None
-    if name is None:
-        raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
-    request.state.token_name = name
+    name = None
+    if store.has_tokens():
+        token = presented_token(request)
+        name = store.token_name(token) if token else None
+        if name is None:
+            raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+    request.state.authenticated, request.state.token_name = True, name
     return name
 
 
@@ -86,6 +87,10 @@ class AuditedRoute(APIRoute):
     outcome the route writes it. A handler may set `request.state.audit_request` (the page: its
     form instead of a JSON body)."""
 
+    # Check the token before the body is parsed, so a caller without one learns that first (the
+    # API); the page checks it itself, to answer with its sign-in form.
+    authenticate_first = False
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
@@ -93,6 +98,8 @@ class AuditedRoute(APIRoute):
             request.state.audit_started = time.perf_counter()
             request.state.audit_body = await request.body()
             try:
+                if self.authenticate_first:
+                    await run_in_threadpool(authenticate, request)
                 response = await handler(request)
             except RequestValidationError as err:
                 response = JSONResponse({"detail": validation_detail(err)}, 422)
@@ -108,6 +115,10 @@ class AuditedRoute(APIRoute):
             return response
 
         return audited
+
+
+class ApiRoute(AuditedRoute):
+    authenticate_first = True
 
 
 def record(request: Request, status: int, response: Any, model: LoadedModel | None = None) -> int:
@@ -174,7 +185,7 @@ def create_app(service: Service, store: Store) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"status": "ok", "models": len(service.models), "auth": "on" if store.has_tokens() else "off"}
 
-    api = APIRouter(prefix="/v1", route_class=AuditedRoute, responses=ERRORS)
+    api = APIRouter(prefix="/v1", route_class=ApiRoute, responses=ERRORS)
 
     @api.get("/models", response_model=Models, tags=["models"])
     def models(token: Authenticated) -> dict[str, Any]:
@@ -228,7 +239,7 @@ def create_app(service: Service, store: Store) -> FastAPI:
         return discovery([model.id for model in service.of_kind("vancomycin")])
 
     not_found = {404: {"model": Failure, "description": "No CDS service of that id."}}
-    hooks = APIRouter(prefix="/cds-services", route_class=AuditedRoute, responses={**ERRORS, **not_found}, tags=["cds-hooks"])
+    hooks = APIRouter(prefix="/cds-services", route_class=ApiRoute, responses={**ERRORS, **not_found}, tags=["cds-hooks"])
 
     @hooks.post("/{service_id}")
     def cds_hook(
@@ -266,5 +277,5 @@ def create_app(service: Service, store: Store) -> FastAPI:
 
 def served(model: LoadedModel, answer: dict[str, Any], request: Request) -> dict[str, Any]:
     """The recommendation with the model that made it and its audit row, written now."""
-    answer = jsonable_encoder({"model": model.id, "model_hash": model.model_hash, **answer})
+    answer = {"model": model.id, "model_hash": model.model_hash, **answer}  # to_dict() gives JSON types already
     return {**answer, "audit_id": record(request, 200, answer, model)}
