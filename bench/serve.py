@@ -32,12 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dosewise.data.schema import EXAMPLE_STATE
+
 DEFAULT_RUN = Path("runs/demo/iql")
 DEFAULT_JSON = Path(__file__).parent / "results" / "serve.json"
 RECOMMEND = "/v1/vancomycin/recommend"
 BARE = "/bench/bare"
-# A patient state inside every physiological range, in the units of the vancomycin features.
-STATE = {"vanco_level": 25.0, "creatinine": 1.1, "wbc": 12.0, "bun": 18.0, "temperature": 38.2, "sbp": 118.0, "heart_rate": 96.0}
+STATE = dict(EXAMPLE_STATE)  # a state inside every physiological range, 13 features
 QUICK_REQUESTS = 200
 SERVER_START_TIMEOUT_S = 120  # loading the run and migrating the audit database
 
@@ -249,14 +250,15 @@ def ratio_or_none(numerator: float | None, denominator: float | None) -> float |
     return None if numerator is None or not denominator else round(numerator / denominator, 2)
 
 
-def bench(run: Path, requests: int, concurrency: int, warmup: int, torch_threads: int | None = None) -> dict:
+def bench(run: Path, requests: int, concurrency: int, warmup: int, torch_threads: int | None = 1) -> dict:
+    from dosewise.algos.trained import TrainedIQL
     from dosewise.serve.store import Store
 
     with tempfile.TemporaryDirectory(prefix="dosewise-bench-serve-") as folder:
         db = f"sqlite:///{Path(folder) / 'audit.db'}"
         machine_info = machine()  # before the load, so its load average is the machine's own
         with running_server(run, db, torch_threads) as server:
-            body = {"state": STATE}
+            body = {"state": {name: STATE[name] for name in TrainedIQL.load(run).feature_names}}
             for method, path, payload in (("POST", RECOMMEND, body), ("GET", BARE, None)):
                 warm = timed(server, method, path, payload, warmup, concurrency)
                 if warm.errors:
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"A smoke run: {QUICK_REQUESTS} requests per endpoint.")
     parser.add_argument("--json", type=Path, default=None, help=f"Where to write the result (default {DEFAULT_JSON}; --quick writes none).")
     parser.add_argument(
-        "--torch-threads", type=int, default=None, help="torch threads of the server (default: torch's own, as `dosewise serve` runs)."
+        "--torch-threads", type=int, default=1, help="torch threads of the server (default 1: the `dosewise` command sets one)."
     )
     parser.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--db", default=None, help=argparse.SUPPRESS)

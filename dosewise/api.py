@@ -217,22 +217,25 @@ def evaluate_iql(
     data_path = Path(data) if data else (Path(model.run_config.data_path) if model.run_config.data_path else None)
     if data_path is None:
         raise DataError(f"{run_dir}: the run does not record its training data; pass --data")
-    frame, _ = load_table(data_path, model.run_config.data)
-    transitions = build_transitions(frame, model.run_config.data)
+    frame, _ = load_table(data_path, model.data_config)
+    transitions = build_transitions(frame, model.data_config)
     offline = offline_statistics(model, transitions)
-    closed_loop = evaluate_vancomycin(model.policy_action, patients, seed)
+    features = model.feature_names
+    closed_loop = evaluate_vancomycin(model.policy_action, patients, seed, features=features)
     estimates = None
     if ope:
         from dosewise.evaluate.vancomycin.ope import evaluate_ope, vancomycin_true_value
 
         gamma = model.config.gamma
         estimates = evaluate_ope(model.policy_action, transitions, gamma, seed=seed)
-        estimates["true_value"] = vancomycin_true_value(model.policy_action, gamma, n_patients=max(patients, 2000), seed=seed)
+        estimates["true_value"] = vancomycin_true_value(
+            model.policy_action, gamma, n_patients=max(patients, 2000), seed=seed, features=features
+        )
     ensemble = None
     if model.members > 1 and per_member:
         members = {}
         for k, member_seed in enumerate(model.seeds):
-            closed = evaluate_vancomycin(lambda obs, k=k: model.policy_members(obs)[k], patients, seed)
+            closed = evaluate_vancomycin(lambda obs, k=k: model.policy_members(obs)[k], patients, seed, features=features)
             members[str(member_seed)] = {key: closed["learned"][key]["mean"] for key in MEMBER_OUTCOMES}
         rows = list(members.values())
         ensemble = {
@@ -481,9 +484,15 @@ def run_demo(
 
 
 def _prepare(data: str | Path, config: str | Path | IQLRunConfig | None, seeds: int, echo: Echo):
-    """The resolved run, the load report, the transitions and the member seeds of a training call."""
+    """The resolved run (recording the optional state columns the data has), the load report, the
+    transitions and the member seeds of a training call."""
+    from dosewise.algos.training import record_found_features
+
     run = config if isinstance(config, IQLRunConfig) else resolve_iql_run(config, data)
     frame, report = load_table(data, run.data)
     if report.rows_dropped_nan:
         echo(f"dropped {report.rows_dropped_nan} of {report.rows_total} rows with missing values: {report.dropped_nan_by_column}")
-    return run, report, build_transitions(frame, run.data), [run.train.seed + k for k in range(seeds)]
+    if report.optional_features:
+        echo(f"dose-aware state: {len(report.optional_features)} optional columns found ({', '.join(report.optional_features)})")
+    transitions = build_transitions(frame, run.data)
+    return record_found_features(run, transitions.feature_names), report, transitions, [run.train.seed + k for k in range(seeds)]

@@ -116,6 +116,7 @@ def report_table(report: DataReport | CaseReport) -> Table:
         table.add_row(key, str(getattr(report, key)))
     for column, count in report.dropped_nan_by_column.items():
         table.add_row(f"  dropped: {column} missing", str(count))
+    table.add_row("optional features found", ", ".join(report.optional_features) or "none")
     for name, (lo, hi) in report.feature_ranges.items():
         table.add_row(f"range {name}", f"{lo:g} .. {hi:g}")
     table.add_row("range action", f"{report.action_range[0]:g} .. {report.action_range[1]:g}")

@@ -13,6 +13,8 @@ from dosewise.cli import app
 from dosewise.config import ConfigError, save_config
 
 STATE = {"vanco_level": 25.0, "creatinine": 1.1, "wbc": 12.0, "bun": 18.0, "temperature": 38.2, "sbp": 118.0, "heart_rate": 96.0}
+# Simulated data is dose-aware, so its models need the regimen and covariates too.
+STATE |= {"dose_mg": 1250.0, "interval_h": 12.0, "hours_since_dose": 4.0, "weight_kg": 80.0, "age": 60.0, "dialysis": 0.0}
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,9 @@ def test_simulate_inspect_train_evaluate_recommend(small_run):
     report = json.loads(inspected.output)
     assert report["rows_valid"] == report["transitions"] == report["rows_total"] - report["rows_dropped_nan"]
     assert report["patients"] == 40
+    assert report["optional_features"] == ["dose_mg", "interval_h", "hours_since_dose", "weight_kg", "age", "dialysis"]
+    shown = invoke("data", "inspect", data)
+    assert "optional features found" in shown.output and "hours_since_dose" in shown.output
 
     for name in ("config.yaml", "model.pt", "tb"):
         assert (run / name).exists()
@@ -54,6 +57,7 @@ def test_simulate_inspect_train_evaluate_recommend(small_run):
     assert "AKI" in evaluated.output and "learned policy" in evaluated.output and "difference" in evaluated.output
 
     state = ["vanco_level=25", "creatinine=1.1", "wbc=12", "bun=18", "temperature=38.2", "sbp=118", "heart_rate=96"]
+    state += ["dose_mg=1250", "interval_h=12", "hours_since_dose=4", "weight_kg=80", "age=60", "dialysis=0"]  # simulated data is dose-aware
     rec = invoke("recommend", "--run", run, *[x for s in state for x in ("--state", s)], "--json")
     assert rec.exit_code == 0, rec.output
     body = json.loads(rec.output)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dosewise.algos.trained import TrainedIQL
-from dosewise.data.schema import FEATURE_UNITS, PHYSIOLOGICAL_BOUNDS
+from dosewise.data.schema import BINARY_FEATURES, FEATURE_UNITS, PHYSIOLOGICAL_BOUNDS
 
 GREEDY_DISAGREEMENT = 0.5  # |greedy - policy| beyond this (in action units) earns a warning
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # a state value beyond this becomes inf inside the model
@@ -112,6 +112,9 @@ def validate_state(state: Mapping[str, object], feature_names: Sequence[str], al
     if missing:
         raise StateError(f"missing feature(s) {', '.join(map(repr, missing))}; the model needs all of: {', '.join(feature_names)}")
     values = {k: _number(k, state[k]) for k in feature_names}
+    for name in BINARY_FEATURES.intersection(values):
+        if values[name] not in (0.0, 1.0):
+            raise StateError(f"feature {name!r}: {values[name]:g} is not 0 or 1; expected 0 (no) or 1 (yes)")
     outside = out_of_bounds(values)
     if outside and not allow_out_of_range:
         raise StateError(

@@ -19,6 +19,7 @@ from dosewise.algos.config import IQLRunConfig
 from dosewise.algos.iql import IQLConfig, Networks
 from dosewise.algos.training import MODEL_FORMAT
 from dosewise.checkpoint import CheckpointError, load_safe, verify_manifest
+from dosewise.data.schema import DataConfig
 from dosewise.data.transitions import Normalizer
 
 ACTION_GRID_SIZE = 101  # greedy actions are chosen on this many evenly spaced points of [low, high]
@@ -57,6 +58,12 @@ class TrainedIQL:
     @property
     def config(self) -> IQLConfig:
         return self.run_config.iql
+
+    @property
+    def data_config(self) -> DataConfig:
+        """The run's data config reading exactly the model's features: a 7-feature model reads 7
+        columns even from a file that has the optional dose-aware ones."""
+        return self.run_config.data.with_features(self.feature_names)
 
     @property
     def members(self) -> int:

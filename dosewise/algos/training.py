@@ -49,6 +49,7 @@ from dosewise.checkpoint import (
     write_json_atomic,
 )
 from dosewise.config import save_config
+from dosewise.data.schema import DataConfig
 from dosewise.data.transitions import Normalizer, Transitions
 
 # /2: stacked networks (one flat tensor per network, a leading member axis) and an ensemble's seeds.
@@ -175,6 +176,16 @@ def summarize_members(metrics: dict[str, torch.Tensor], seeds: Sequence[int], la
     }
 
 
+def record_found_features(run: IQLRunConfig, feature_names: Sequence[str]) -> IQLRunConfig:
+    """The run as it is saved: optional state columns the data had (`DataConfig.optional_features`)
+    become part of `data.features`, so the saved config, like the model, asks for exactly the columns
+    it was trained on. A run whose data had none of them is returned unchanged."""
+    names = tuple(feature_names)
+    if names == run.data.features or names != run.data.state_features(names):
+        return run
+    return run.model_copy(update={"data": run.data.with_features(names)})
+
+
 def _resume_state(out_dir: Path, run: IQLRunConfig, resume: bool, seeds: list[int], labels: list[str]) -> tuple[Path, dict] | None:
     """The newest intact checkpoint of `out_dir` and its contents (loaded once) when resuming a run
     of the same config, data, seeds and members; None for a fresh run into an empty directory."""
@@ -187,6 +198,8 @@ def _resume_state(out_dir: Path, run: IQLRunConfig, resume: bool, seeds: list[in
         raise TrainingError(f"{out_dir}: no checkpoint to resume from (looked in {out_dir / 'checkpoints'})")
     ckpt, saved = found
     config, mine = saved["run_config"], run.model_dump(mode="json")
+    # Runs saved before DataConfig had optional_features read as its default.
+    config = {**config, "data": DataConfig.model_validate(config["data"]).model_dump(mode="json")}
     for key in ("data", "iql", "data_path"):
         if config[key] != mine[key]:
             raise TrainingError(f"{ckpt}: saved run used a different {key!r} config; resume with the same config and data")
@@ -221,6 +234,7 @@ def train_iql(
     if not seeds or (member_configs is None and len(set(seeds)) != len(seeds)):
         raise TrainingError(f"ensemble seeds must be distinct and at least one, got {seeds}")
     labels = [f"seed_{s}" for s in seeds] if labels is None else list(labels)
+    run = record_found_features(run, transitions.feature_names)
     resumed = _resume_state(out_dir, run, resume, seeds, labels)
     tc = run.train
 
@@ -317,6 +331,7 @@ __all__ = [
     "data_tensors",
     "intact_checkpoint",
     "latest_checkpoint",
+    "record_found_features",
     "sample",
     "train_iql",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dosewise.data.schema import LINE_COLUMN, DataConfig
+from dosewise.data.schema import BINARY_FEATURES, LINE_COLUMN, DataConfig
 
 ACCEPTED_SUFFIXES = (".csv", ".parquet")
 
@@ -43,6 +43,8 @@ class DataReport:
     reward_source: str
     # Lines with every cell empty; skipped, so rows_valid + rows_dropped_nan + rows_blank = data rows in the file.
     rows_blank: int = 0
+    # The optional state columns (DataConfig.optional_features) the file has, in state order.
+    optional_features: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +59,7 @@ class DataReport:
             "action_range": {"min": float(self.action_range[0]), "max": float(self.action_range[1])},
             "reward_source": self.reward_source,
             "rows_blank": int(self.rows_blank),
+            "optional_features": list(self.optional_features),
         }
 
 
@@ -81,8 +84,9 @@ def load_table(path: str | Path, config: DataConfig) -> tuple[pd.DataFrame, Data
     """Read, validate and clean a .csv or .parquet dosing table.
 
     Returns the valid rows sorted by (patient, time) with columns patient_id (str),
-    time, the features, action, reward (all float64) and `line` (source line/row
-    number), named as in `config`, plus a report of what was read and dropped.
+    time, the state features (`features`, then the optional features the file has),
+    action, reward (all float64) and `line` (source line/row number), named as in
+    `config`, plus a report of what was read and dropped.
     Raises DataError for anything that cannot be trusted.
     """
     raw = read_table(Path(path))
@@ -90,8 +94,9 @@ def load_table(path: str | Path, config: DataConfig) -> tuple[pd.DataFrame, Data
     has_reward_column = config.reward in raw.frame.columns
     if not has_reward_column:
         _require_reward_features(raw, config)
+    state = config.state_features(raw.frame.columns)
 
-    numeric_columns = [config.time, *config.features, config.action]
+    numeric_columns = [config.time, *state, config.action]
     if has_reward_column:
         numeric_columns.append(config.reward)
     numbers, missing = _parse_numbers(raw, config, numeric_columns)
@@ -99,6 +104,9 @@ def load_table(path: str | Path, config: DataConfig) -> tuple[pd.DataFrame, Data
     missing = {config.patient_id: patient_ids.isna().to_numpy(), **missing}
 
     _check_action_bounds(raw, config, numbers[config.action], missing[config.action])
+    for name in state:
+        if name in BINARY_FEATURES:
+            _check_binary(raw, config, name, numbers[name], missing[name])
     _check_unique_times(raw, config, numbers[config.time], missing[config.patient_id] | missing[config.time])
 
     rows_total = len(raw.frame)
@@ -112,7 +120,7 @@ def load_table(path: str | Path, config: DataConfig) -> tuple[pd.DataFrame, Data
     frame = pd.DataFrame(
         {
             config.patient_id: patient_ids[keep].astype(str).to_numpy(),
-            **{name: numbers[name][keep] for name in (config.time, *config.features, config.action)},
+            **{name: numbers[name][keep] for name in (config.time, *state, config.action)},
             config.reward: reward[keep],
             LINE_COLUMN: raw.positions[keep],
         }
@@ -129,10 +137,11 @@ def load_table(path: str | Path, config: DataConfig) -> tuple[pd.DataFrame, Data
         rows_valid=len(frame),
         patients=int(frame[config.patient_id].nunique()),
         transitions=len(frame),
-        feature_ranges={name: (float(frame[name].min()), float(frame[name].max())) for name in config.features},
+        feature_ranges={name: (float(frame[name].min()), float(frame[name].max())) for name in state},
         action_range=(float(frame[config.action].min()), float(frame[config.action].max())),
         reward_source="column" if has_reward_column else "computed",
         rows_blank=raw.blank_rows,
+        optional_features=state[len(config.features) :],
     )
     return frame, report
 
@@ -229,7 +238,7 @@ def _require_columns(raw: _RawTable, config: DataConfig) -> None:
         noun = "column" if len(absent) == 1 else "columns"
         raise DataError(
             f"{raw.path}: missing {noun} {', '.join(repr(name) for name in absent)}; "
-            f"expected columns: {', '.join(required)} (optional: {config.reward}); "
+            f"expected columns: {', '.join(required)} (optional: {', '.join([config.reward, *config.optional_state])}); "
             f"found: {', '.join(map(str, raw.frame.columns))}"
         )
 
@@ -283,14 +292,31 @@ def _parse_numbers(raw: _RawTable, config: DataConfig, columns: list[str]) -> tu
 
 def _check_action_bounds(raw: _RawTable, config: DataConfig, actions: np.ndarray, missing: np.ndarray) -> None:
     outside = np.flatnonzero(~missing & ((actions < config.action_low) | (actions > config.action_high)))
-    if outside.size:
-        index = outside[0]
-        others = f" ({outside.size - 1} more rows are out of bounds)" if outside.size > 1 else ""
+    _refuse_rows(
+        raw,
+        config,
+        config.action,
+        outside,
+        f" outside the declared bounds [{config.action_low}, {config.action_high}]",
+        "are out of bounds",
+        "; rescale the actions or set action_low/action_high in the data config",
+    )
+
+
+def _check_binary(raw: _RawTable, config: DataConfig, name: str, values: np.ndarray, missing: np.ndarray) -> None:
+    _refuse_rows(
+        raw, config, name, np.flatnonzero(~missing & (values != 0.0) & (values != 1.0)), "; expected 0 (no) or 1 (yes)", "have other values"
+    )
+
+
+def _refuse_rows(raw: _RawTable, config: DataConfig, column: str, rows: np.ndarray, expected: str, others: str, hint: str = "") -> None:
+    """A DataError naming the first of `rows` (file, line, patient, value) and counting the others."""
+    if rows.size:
+        index = rows[0]
+        more = f" ({rows.size - 1} more rows {others})" if rows.size > 1 else ""
         raise DataError(
-            f"{raw.where(index)} ({_patient_label(raw, config, index)}): column '{config.action}' has value "
-            f"'{raw.frame[config.action].iloc[index]}' outside the declared bounds "
-            f"[{config.action_low}, {config.action_high}]{others}; "
-            "rescale the actions or set action_low/action_high in the data config"
+            f"{raw.where(index)} ({_patient_label(raw, config, index)}): column '{column}' has value "
+            f"'{raw.frame[column].iloc[index]}'{expected}{more}{hint}"
         )
 
 

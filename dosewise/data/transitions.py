@@ -48,12 +48,14 @@ class Transitions:
 def build_transitions(frame: pd.DataFrame, config: DataConfig) -> Transitions:
     """Link each row to the patient's next valid row; a patient's last row is terminal (s' = s).
 
-    Expects a frame as returned by `load_table`; rows are (re)sorted by (patient, time).
+    Expects a frame as returned by `load_table`; rows are (re)sorted by (patient, time). The state
+    is `config.features` followed by the optional features the frame has (`DataConfig.state_features`).
     """
     frame = frame.sort_values([config.patient_id, config.time], kind="stable")
     n = len(frame)
+    features = config.state_features(frame.columns)
     patient_ids = frame[config.patient_id].astype(str).to_numpy(dtype=object)
-    observations = frame[list(config.features)].to_numpy(dtype=np.float32)
+    observations = frame[list(features)].to_numpy(dtype=np.float32)
 
     same_patient_as_next = patient_ids[1:] == patient_ids[:-1]
     last_of_patient = np.ones(n, dtype=bool)
@@ -72,7 +74,7 @@ def build_transitions(frame: pd.DataFrame, config: DataConfig) -> Transitions:
         patient_ids=patient_ids,
         times=frame[config.time].to_numpy(dtype=np.float64),
         episode_starts=first_of_patient,
-        feature_names=tuple(config.features),
+        feature_names=features,
     )
 
 

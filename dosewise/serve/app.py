@@ -245,8 +245,8 @@ def create_app(service: Service, store: Store) -> FastAPI:
     def cds_hook(
         service_id: Annotated[str, Path(max_length=64)], body: HookRequest, request: Request, token: Authenticated
     ) -> dict[str, Any]:
-        """A patient-view hook: the vancomycin recommendation from the prefetched FHIR Observations and
-        MedicationAdministrations, as CDS cards; a missing or mismatched observation is named, never guessed."""
+        """A patient-view hook: the vancomycin recommendation from the prefetched FHIR Observations,
+        MedicationAdministrations, Patient and Conditions, as CDS cards; a missing or mismatched value is named, never guessed."""
         if service_id != SERVICE_ID:
             raise HTTPException(404, f"no CDS service '{service_id}'; this server offers '{SERVICE_ID}' (GET /cds-services)")
         try:

@@ -4,24 +4,32 @@ A feature enters the state only from its newest Observation, and only when that 
 value in an accepted unit. A newer result in another unit is never converted and an older one never
 stands in for it: the card names what is missing or unusable instead, so no recommendation is ever made
 on a value the record does not contain.
+
+The dose-aware features follow the same rule. The regimen comes from the newest two vancomycin
+administrations, weight from the newest body-weight Observation, age from the Patient's birthDate and
+dialysis from the active Conditions. A dialysis status of 0 is only read from a conditions query that
+was answered in full and holds no active dialysis condition; without that query it is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Literal
 
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.medication import Medication
 from fhir.resources.R4B.medicationadministration import MedicationAdministration
 from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.patient import Patient
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dosewise.data.schema import FEATURE_UNITS
@@ -41,6 +49,7 @@ LOINC: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "temperature": ("8310-5",),
         "sbp": ("8480-6",),
         "heart_rate": ("8867-4",),
+        "weight_kg": ("29463-7", "3141-9"),  # body weight, and body weight measured
     }
 )
 BP_PANEL = "85354-9"  # blood pressure panel: systolic pressure is its 8480-6 component
@@ -57,9 +66,31 @@ UNITS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "temperature": ("Cel", "°C"),
         "sbp": ("mm[Hg]", "mmHg"),
         "heart_rate": ("/min", "{beats}/min", "beats/min"),
+        "weight_kg": ("kg",),  # a weight in [lb_av] is a mismatch like any other unit
     }
 )
 DOSE_UNITS: Mapping[str, float] = MappingProxyType({"mg": 1.0, "g": 1000.0})  # exact factors to mg
+# The regimen features, read from the vancomycin administrations rather than from one resource.
+REGIMEN_FEATURES = ("dose_mg", "interval_h", "hours_since_dose")
+# Only these administrations are known to have been given; the regimen is read from them alone.
+GIVEN_STATUSES = frozenset({"completed", "in-progress"})
+
+SNOMED_SYSTEM = "http://snomed.info/sct"
+ICD10CM_SYSTEM = "http://hl7.org/fhir/sid/icd-10-cm"
+ICD10_SYSTEM = "http://hl7.org/fhir/sid/icd-10"
+CODE_SYSTEM_NAMES: Mapping[str, str] = MappingProxyType({SNOMED_SYSTEM: "SNOMED", ICD10CM_SYSTEM: "ICD-10-CM", ICD10_SYSTEM: "ICD-10"})
+# Dependence on renal dialysis: the SNOMED concept and its ICD-10(-CM) code.
+DIALYSIS_CODES = frozenset({(SNOMED_SYSTEM, "105502003"), (ICD10CM_SYSTEM, "Z99.2"), (ICD10_SYSTEM, "Z99.2")})
+DIALYSIS_CODES_TEXT = "SNOMED 105502003 or ICD-10-CM Z99.2"
+CONDITION_CLINICAL_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+CONDITION_VERIFICATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+ACTIVE_CLINICAL_STATUSES = frozenset({"active", "recurrence", "relapse"})
+# A Condition with this verification status is not in the patient's record at all.
+NOT_A_CONDITION = frozenset({"refuted", "entered-in-error"})
+# ...and with this one it may or may not be: it neither shows dialysis nor its absence.
+UNCONFIRMED = frozenset({"unconfirmed", "provisional", "differential"})
+# The prefetch key whose Conditions are the patient's whole active list (see `discovery`).
+CONDITIONS_KEY = "conditions"
 
 # Only these Observation statuses are results; registered, cancelled, entered-in-error and unknown are not.
 RESULT_STATUSES = frozenset({"final", "amended", "corrected", "preliminary"})
@@ -108,13 +139,15 @@ class HookRequest(BaseModel):
 class HookState:
     """What the prefetch says about the patient, and everything that could not be used."""
 
-    state: dict[str, float]  # feature -> value in the model's unit, from the newest usable Observation
-    observed_at: dict[str, str]  # feature -> ISO time of that Observation
+    state: dict[str, float]  # feature -> value in the model's unit, from the newest usable record
+    observed_at: dict[str, str]  # feature -> ISO time of that record (for age and a dialysis of 0: the reference time)
     missing: list[str]  # features with no usable Observation, each with the reason
     unit_mismatch: list[str]  # newest Observations (and doses) in a unit that is not accepted
     doses: list[dict]  # vancomycin administrations {"time", "dose_mg" (None when not readable), "status"}, newest first
     skipped: list[str]  # resources ignored and why
     feature_names: tuple[str, ...] = field(default=())  # the model's features, which `state` must cover
+    sources: dict[str, str] = field(default_factory=dict)  # feature -> the records it was read from
+    reference_time: str | None = None  # ISO time that hours_since_dose and age are counted to
 
     @property
     def complete(self) -> bool:
@@ -138,6 +171,38 @@ class _Reading:
     comparator: str | None  # "<", "<=", ">=", ">" for a censored value
 
 
+@dataclass(frozen=True)
+class _Administration:
+    """A vancomycin administration that was not withdrawn, as the regimen features read it."""
+
+    label: str
+    instant: datetime  # its start
+    timed: bool  # the start has a time of day, not only a date
+    unit_mismatch: bool  # a dose in a unit that is not read (reported in `unit_mismatch`)
+    record: dict  # {"time", "dose_mg", "status"}, as HookState.doses lists it
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """A feature read from the record, or why not: `why` None without a value means it was reported as a unit mismatch."""
+
+    value: float | None = None
+    time: str = ""
+    source: str = ""
+    why: str | None = None
+
+
+@dataclass(frozen=True)
+class _DialysisCondition:
+    """A Condition coded as dependence on renal dialysis."""
+
+    label: str
+    codes: str  # "ICD-10-CM Z99.2"
+    clinical: str | None  # clinical status code, None when not given
+    verification: str | None  # verification status code, None when not given
+    time: str  # when it was recorded (or began), "" when neither is given
+
+
 def discovery(model_ids: Sequence[str]) -> dict:
     """The CDS Hooks discovery document; no service is offered while no model is loaded."""
     if not model_ids:
@@ -153,53 +218,100 @@ def discovery(model_ids: Sequence[str]) -> dict:
                 "title": "dosewise vancomycin dosing",
                 "description": (
                     "Suggests whether to raise, keep or lower the vancomycin dose from the patient's latest vancomycin level, "
-                    f"creatinine, WBC, BUN, temperature, systolic pressure and heart rate (model: {models})."
+                    "creatinine, WBC, BUN, temperature, systolic pressure and heart rate and, for models that use them, the "
+                    "current regimen (last dose, dosing interval, hours since the dose), body weight, age and dialysis status "
+                    f"(model: {models})."
                 ),
                 "prefetch": {
                     "observations": f"Observation?patient={{{{context.patientId}}}}&code={code_param}&_sort=-date",
                     "medications": "MedicationAdministration?patient={{context.patientId}}",
+                    "patient": "Patient/{{context.patientId}}",
+                    CONDITIONS_KEY: "Condition?patient={{context.patientId}}&clinical-status=active",
                 },
                 "usageRequirements": (
-                    "Needs read access to the patient's Observations and MedicationAdministrations. Results must be coded in LOINC "
-                    "with UCUM units: vancomycin level mg/L, creatinine and BUN mg/dL, WBC 10*3/uL, temperature Cel, "
-                    "blood pressure mm[Hg], heart rate /min; a result in another unit is reported, never converted."
+                    "Needs read access to the patient's Observations, MedicationAdministrations, Patient resource and Conditions. "
+                    "Results must be coded in LOINC with UCUM units: vancomycin level mg/L, creatinine and BUN mg/dL, WBC 10*3/uL, "
+                    "temperature Cel, blood pressure mm[Hg], heart rate /min, body weight kg; a result in another unit is reported, "
+                    "never converted. Vancomycin doses are read in mg or g with their start time (effectiveDateTime or "
+                    "effectivePeriod.start), age from the Patient's birthDate, and dialysis from an active Condition coded "
+                    f"{DIALYSIS_CODES_TEXT}; a dialysis status of 0 needs the complete '{CONDITIONS_KEY}' prefetch."
                 ),
             }
         ]
     }
 
 
-def read_prefetch(prefetch: Mapping[str, Any] | None, feature_names: Sequence[str], patient_id: str | None = None) -> HookState:
+def read_prefetch(
+    prefetch: Mapping[str, Any] | None,
+    feature_names: Sequence[str],
+    patient_id: str | None = None,
+    now: datetime | None = None,
+) -> HookState:
     """The model's state from the prefetch's Bundles or resources, with what is missing, in the wrong unit or
-    ignored; with `patient_id`, a resource whose subject is another patient is ignored too."""
+    ignored; with `patient_id`, a resource whose subject is another patient is ignored too. Hours since the dose
+    and age are counted to `now` (default: the current time)."""
+    now = datetime.now(UTC) if now is None else now
+    if now.tzinfo is None:
+        raise ValueError("read_prefetch(): `now` must be timezone-aware, e.g. datetime.now(UTC)")
+    reference = now.isoformat(timespec="seconds")
+    prefetch = prefetch or {}
     skipped: list[str] = []
-    resources = list(_resources(prefetch or {}, skipped))
+    resources = list(_resources(prefetch, skipped))
     medications = {f"Medication/{raw['id']}": raw for _, raw in resources if raw.get("resourceType") == "Medication" and raw.get("id")}
     readings: dict[str, list[_Reading]] = {name: [] for name in feature_names}
     ignored: Counter[str] = Counter()  # feature -> its Observations that were ignored
-    doses: list[tuple[datetime, dict]] = []
+    administrations: list[_Administration] = []
     dose_mismatch: list[str] = []
+    patients: list[tuple[str, dict]] = []
+    dialysis_conditions: list[_DialysisCondition] = []
     for label, raw in resources:
         kind = raw.get("resourceType")
         if kind == "Observation":
             for reading in _observation_readings(label, raw, feature_names, patient_id, skipped, ignored):
                 readings[reading.feature].append(reading)
         elif kind == "MedicationAdministration":
-            dose = _dose(label, raw, medications, patient_id, skipped, dose_mismatch)
-            if dose is not None:
-                doses.append(dose)
+            administration = _administration(label, raw, medications, patient_id, skipped, dose_mismatch)
+            if administration is not None:
+                administrations.append(administration)
         elif kind == "Medication":
             continue  # read through the administrations that refer to it
+        elif kind == "Patient":
+            if "age" in feature_names:  # otherwise prefetched for other models only
+                patients.append((label, raw))
+        elif kind == "Condition":
+            if "dialysis" in feature_names:
+                found_condition = _dialysis_condition(label, raw, patient_id, skipped)
+                if found_condition is not None:
+                    dialysis_conditions.append(found_condition)
         elif kind == "OperationOutcome":
             skipped.append(f"{label}: the FHIR server reported: {_outcome_text(raw)}")
         else:
-            skipped.append(f"{label}: a {kind} is not read by this service (only Observation and MedicationAdministration)")
+            skipped.append(
+                f"{label}: a {kind} is not read by this service (only Observation, MedicationAdministration, Patient and Condition)"
+            )
+
+    derived: dict[str, _Derived] = {}
+    regimen = [name for name in REGIMEN_FEATURES if name in feature_names]
+    if regimen:
+        derived |= _regimen(administrations, regimen, now, reference)
+    if "age" in feature_names:
+        derived["age"] = _age(patients, patient_id, now, reference, skipped)
+    if "dialysis" in feature_names:
+        derived["dialysis"] = _dialysis(dialysis_conditions, _conditions_query_gap(prefetch), reference)
 
     state: dict[str, float] = {}
     observed_at: dict[str, str] = {}
+    sources: dict[str, str] = {}
     missing: list[str] = []
     unit_mismatch: list[str] = []
     for name in feature_names:
+        if name in derived:
+            item = derived[name]
+            if item.value is not None:
+                state[name], observed_at[name], sources[name] = item.value, item.time, item.source
+            elif item.why is not None:
+                missing.append(item.why)
+            continue
         if name not in LOINC:
             missing.append(f"{name}: this service reads no FHIR resource for it")
             continue
@@ -229,16 +341,19 @@ def read_prefetch(prefetch: Mapping[str, Any] | None, feature_names: Sequence[st
         else:
             state[name] = newest.value
             observed_at[name] = newest.time
+            sources[name] = f"{newest.label} ({newest.source})"
 
-    doses.sort(key=lambda item: item[0], reverse=True)
+    administrations.sort(key=lambda a: a.instant, reverse=True)
     return HookState(
         state=state,
         observed_at=observed_at,
         missing=missing,
         unit_mismatch=unit_mismatch + dose_mismatch,
-        doses=[dose for _, dose in doses],
+        doses=[a.record for a in administrations],
         skipped=skipped,
         feature_names=tuple(feature_names),
+        sources=sources,
+        reference_time=reference,
     )
 
 
@@ -400,10 +515,10 @@ def _reading(
     return _Reading(name, label, source, instant, time, float(quantity.value), unit, quantity.comparator)
 
 
-def _dose(
+def _administration(
     label: str, raw: dict, medications: Mapping[str, dict], patient_id: str | None, skipped: list[str], mismatch: list[str]
-) -> tuple[datetime, dict] | None:
-    """(time, dose record) of a vancomycin administration; None for another drug or one never given."""
+) -> _Administration | None:
+    """A vancomycin administration; None for another drug or one never given."""
     try:
         admin = MedicationAdministration.model_validate(raw)
     except ValidationError as exc:
@@ -424,15 +539,210 @@ def _dose(
         skipped.append(f"{label}: no administration time")
         return None
     dose_mg = None
+    wrong_unit = False
     quantity = admin.dosage.dose if admin.dosage else None
     if quantity is not None and quantity.value is not None:
         unit = quantity.code or quantity.unit
         if unit in DOSE_UNITS:
             dose_mg = float(quantity.value) * DOSE_UNITS[unit]
         else:
+            wrong_unit = True
             found_unit = f"unit {unit}" if unit else "no unit"
             mismatch.append(f"vancomycin dose {label}: {found_unit} where mg is expected")
-    return _instant(when), {"time": _iso(when), "dose_mg": dose_mg, "status": admin.status}
+    record = {"time": _iso(when), "dose_mg": dose_mg, "status": admin.status}
+    return _Administration(label, _instant(when), isinstance(when, datetime), wrong_unit, record)
+
+
+def _regimen(administrations: Sequence[_Administration], wanted: Sequence[str], now: datetime, reference: str) -> dict[str, _Derived]:
+    """dose_mg, hours_since_dose and interval_h (those `wanted`) from the newest two administrations. Each is
+    missing rather than read from an older dose when the newest one cannot be read as given at a known time."""
+    what = {
+        "dose_mg": "dose_mg (dose of the newest vancomycin MedicationAdministration)",
+        "hours_since_dose": "hours_since_dose (start of the newest vancomycin MedicationAdministration)",
+        "interval_h": "interval_h (starts of the newest two vancomycin MedicationAdministrations)",
+    }
+    missing = lambda name, why: _Derived(why=f"{what[name]}: {why}")
+    ordered = sorted(administrations, key=lambda a: a.instant, reverse=True)
+    if not ordered:
+        return {name: missing(name, "no vancomycin administration in the prefetch") for name in wanted}
+    newest = ordered[0]
+    problem = _unusable_start(newest, now, reference)
+    if problem is not None:
+        return {name: missing(name, f"the newest, {problem}") for name in wanted}
+    result: dict[str, _Derived] = {}
+    if "dose_mg" in wanted:
+        tied = [a.label for a in ordered[1:] if a.instant == newest.instant]
+        dose_mg = newest.record["dose_mg"]
+        if tied:
+            labels = " and ".join([newest.label, *tied])
+            result["dose_mg"] = missing(
+                "dose_mg", f"{labels} start at the same time {newest.record['time']}, so the dose then is not one record"
+            )
+        elif newest.unit_mismatch:
+            result["dose_mg"] = _Derived()  # its unit is listed with the mismatches
+        elif dose_mg is None:
+            result["dose_mg"] = missing("dose_mg", f"the newest, {newest.label} at {newest.record['time']}, records no dose")
+        else:
+            result["dose_mg"] = _Derived(dose_mg, newest.record["time"], f"{newest.label} ({newest.record['status']})")
+    if "hours_since_dose" in wanted:
+        hours = round((now - newest.instant) / timedelta(hours=1), 2)
+        result["hours_since_dose"] = _Derived(hours, newest.record["time"], f"start of {newest.label}, to {reference}")
+    if "interval_h" in wanted:
+        if len(ordered) < 2:
+            why = f"only one vancomycin administration in the prefetch ({newest.label} at {newest.record['time']}), so no interval"
+            result["interval_h"] = missing("interval_h", why)
+        else:
+            previous = ordered[1]
+            gap = (newest.instant - previous.instant) / timedelta(hours=1)
+            interval = math.floor(gap + 0.5)  # to the nearest hour, halves up
+            problem = _unusable_start(previous, now, reference)
+            between = f"{previous.label} at {previous.record['time']} and {newest.label} at {newest.record['time']}"
+            if problem is not None:
+                result["interval_h"] = missing("interval_h", f"the one before the newest, {problem}")
+            elif interval < 1:
+                result["interval_h"] = missing("interval_h", f"the newest two, {between}, start {gap:.2g} h apart, under an hour")
+            else:
+                result["interval_h"] = _Derived(float(interval), newest.record["time"], f"starts of {between} ({gap:.2f} h apart)")
+    return result
+
+
+def _unusable_start(administration: _Administration, now: datetime, reference: str) -> str | None:
+    """Why the administration's start cannot be counted from: not known as given, only a date, or after `now`."""
+    label, time, status = administration.label, administration.record["time"], administration.record["status"]
+    if status not in GIVEN_STATUSES:
+        return f"{label} at {time}, has status {status} (only completed or in-progress doses are read as given)"
+    if not administration.timed:
+        return f"{label}, is recorded at {time} without a time of day"
+    if administration.instant > now:
+        return f"{label}, starts at {time}, after the reference time {reference}"
+    return None
+
+
+def _age(patients: Sequence[tuple[str, dict]], patient_id: str | None, now: datetime, reference: str, skipped: list[str]) -> _Derived:
+    """Whole years from the Patient's birthDate to `now`; a partial birthDate is read only when every day it allows gives one age."""
+    what = "age (Patient birthDate)"
+    births: dict[str, tuple[str, Any]] = {}  # label -> (birthDate as written, parsed)
+    for label, raw in patients:
+        try:
+            patient = Patient.model_validate(raw)
+        except ValidationError as exc:
+            skipped.append(f"{label}: not a valid FHIR R4 Patient: {_first_error(exc)}")
+            continue
+        if patient_id is not None and patient.id != patient_id:
+            skipped.append(f"{label}: not Patient/{patient_id}, whose chart is open")
+            continue
+        births[label] = (_iso(patient.birthDate) if patient.birthDate is not None else "", patient.birthDate)
+    if not births:
+        return _Derived(why=f"{what}: no Patient resource of the patient in the prefetch")
+    if len({text for text, _ in births.values()}) > 1:
+        shown = ", ".join(f"{label} {text or 'none'}" for label, (text, _) in births.items())
+        return _Derived(why=f"{what}: the Patient resources disagree ({shown})")
+    label, (text, birth) = next(iter(births.items()))
+    if birth is None:
+        return _Derived(why=f"{what}: {label} has no birthDate")
+    earliest, latest = _date_range(birth)
+    today = now.astimezone(UTC).date()
+    if earliest > today:
+        return _Derived(why=f"{what}: {label} birthDate {text} is after the reference time {reference}")
+    if latest > today:
+        return _Derived(why=f"{what}: {label} birthDate {text} may be after the reference time {reference}")
+    oldest, youngest = _whole_years(earliest, today), _whole_years(latest, today)
+    if oldest != youngest:
+        return _Derived(why=f"{what}: {label} birthDate {text} gives an age of {youngest} or {oldest} at {reference}, not one")
+    return _Derived(float(oldest), reference, f"{label} birthDate {text}")
+
+
+def _date_range(when: date | str) -> tuple[date, date]:
+    """The first and last day a FHIR date ("1960", "1960-05" or a full date) may stand for."""
+    if isinstance(when, date):
+        return when, when
+    year, _, month = str(when).partition("-")
+    if month:
+        first = date(int(year), int(month), 1)
+        following = date(first.year + first.month // 12, first.month % 12 + 1, 1)
+        return first, following - timedelta(days=1)
+    return date(int(year), 1, 1), date(int(year), 12, 31)
+
+
+def _whole_years(birth: date, today: date) -> int:
+    return today.year - birth.year - ((today.month, today.day) < (birth.month, birth.day))
+
+
+def _dialysis_condition(label: str, raw: dict, patient_id: str | None, skipped: list[str]) -> _DialysisCondition | None:
+    """The Condition when it is coded as dependence on renal dialysis; any other Condition is passed over silently."""
+    try:
+        condition = Condition.model_validate(raw)
+    except ValidationError as exc:
+        skipped.append(f"{label}: not a valid FHIR R4 Condition: {_first_error(exc)}")
+        return None
+    codings = (condition.code.coding or []) if condition.code is not None else []
+    codes = [f"{CODE_SYSTEM_NAMES[c.system]} {c.code}" for c in codings if (c.system, c.code) in DIALYSIS_CODES]
+    if not codes:
+        return None
+    what = f"{label} ({', '.join(codes)})"
+    foreign = _foreign_subject(condition.subject, patient_id)
+    if foreign:
+        skipped.append(f"{what}: {foreign}")
+        return None
+    clinical = _status_code(condition.clinicalStatus, CONDITION_CLINICAL_SYSTEM)
+    verification = _status_code(condition.verificationStatus, CONDITION_VERIFICATION_SYSTEM)
+    if verification in NOT_A_CONDITION:
+        skipped.append(f"{what}: verification status {verification}, so not a condition of the patient")
+        return None
+    if clinical is not None and clinical not in ACTIVE_CLINICAL_STATUSES:
+        skipped.append(f"{what}: clinical status {clinical}, so not an active dialysis condition")
+        return None
+    when = condition.recordedDate or condition.onsetDateTime
+    return _DialysisCondition(label, ", ".join(codes), clinical, verification, _iso(when) if when is not None else "")
+
+
+def _status_code(concept: Any, system: str) -> str | None:
+    """The code of a status CodeableConcept in its HL7 code system (or with no system given)."""
+    if concept is None:
+        return None
+    return next((c.code for c in concept.coding or [] if c.code and c.system in (system, None)), None)
+
+
+def _dialysis(conditions: Sequence[_DialysisCondition], query_gap: str | None, reference: str) -> _Derived:
+    """1 for an active, not unconfirmed dialysis Condition; 0 only when the complete conditions query holds none."""
+    what = f"dialysis (an active Condition coded {DIALYSIS_CODES_TEXT})"
+    for condition in conditions:
+        if condition.clinical is not None and condition.verification not in UNCONFIRMED:
+            return _Derived(1.0, condition.time, f"{condition.label} ({condition.codes}, {condition.clinical})")
+    if conditions:  # each one lacks a clinical status or is unconfirmed
+        first = conditions[0]
+        if first.clinical is None:
+            return _Derived(why=f"{what}: {first.label} ({first.codes}) has no clinical status, so it may or may not be active")
+        return _Derived(why=f"{what}: {first.label} ({first.codes}) is active but {first.verification}")
+    if query_gap is not None:
+        return _Derived(why=f"{what}: {query_gap}")
+    return _Derived(0.0, reference, f"no active dialysis condition in the record (prefetch '{CONDITIONS_KEY}')")
+
+
+def _conditions_query_gap(prefetch: Mapping[str, Any]) -> str | None:
+    """Why the conditions prefetch cannot show that the record holds no active dialysis condition; None when it can."""
+    where = f"prefetch['{CONDITIONS_KEY}']"
+    if CONDITIONS_KEY not in prefetch:
+        return f"no '{CONDITIONS_KEY}' prefetch, so the record's Conditions were not queried"
+    value = prefetch[CONDITIONS_KEY]
+    if value is None:
+        return f"the client could not run the '{CONDITIONS_KEY}' prefetch query"
+    if not isinstance(value, Mapping) or value.get("resourceType") != "Bundle":
+        return f"{where} is not the Bundle of a Condition search"
+    try:
+        Bundle.model_validate({k: v for k, v in value.items() if k != "entry"})
+    except ValidationError:
+        return f"{where} is not a valid FHIR R4 Bundle (see the ignored resources)"
+    links = value.get("link") if isinstance(value.get("link"), list) else []
+    if any(isinstance(link, Mapping) and link.get("relation") == "next" for link in links):
+        return f"{where} is the first page of a longer result (it has a next link), so other Conditions may not be shown"
+    for entry in value.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, Mapping) else None
+        if isinstance(resource, Mapping) and resource.get("resourceType") == "OperationOutcome":
+            issues = resource.get("issue") if isinstance(resource.get("issue"), list) else []
+            if any(isinstance(i, Mapping) and i.get("severity") in ("error", "fatal") for i in issues):
+                return f"the FHIR server reported an error for the '{CONDITIONS_KEY}' query: {_outcome_text(resource)}"
+    return None
 
 
 def _is_vancomycin(admin: MedicationAdministration, medications: Mapping[str, dict]) -> bool:
@@ -562,13 +872,13 @@ def _unavailable_card(hook_state: HookState, source: dict) -> dict:
         wrong_unit = len(hook_state.unit_mismatch)
     parts = []
     if missing:
-        parts.append(f"{missing} observation{'s' if missing != 1 else ''} missing")
+        parts.append(f"{missing} value{'s' if missing != 1 else ''} missing")
     if wrong_unit > 0:
         parts.append(f"{wrong_unit} in an unexpected unit")
     summary = f"Vancomycin recommendation not available: {', '.join(parts) or 'the state is incomplete'}"
-    detail = ["No recommendation is made without every observation the model needs; no value is guessed or converted.", ""]
+    detail = ["No recommendation is made without every value the model needs; no value is guessed or converted.", ""]
     if hook_state.missing:
-        detail += ["**Missing or unusable observations:**", *(f"- {_md(line)}" for line in hook_state.missing), ""]
+        detail += ["**Missing or unusable values:**", *(f"- {_md(line)}" for line in hook_state.missing), ""]
     if hook_state.unit_mismatch:
         detail += ["**In an unexpected unit (not converted):**", *(f"- {_md(line)}" for line in hook_state.unit_mismatch), ""]
     detail += _state_section(hook_state) + _doses_section(hook_state) + _skipped_section(hook_state)
@@ -579,10 +889,15 @@ def _state_section(hook_state: HookState) -> list[str]:
     if not hook_state.state:
         return []
     rows = [
-        f"| {name} | {value:g} | {_md(FEATURE_UNITS.get(name, ''))} | {_md(hook_state.observed_at.get(name, ''))} |"
+        f"| {name} | {value:g} | {_md(FEATURE_UNITS.get(name, ''))} | {_md(hook_state.observed_at.get(name, ''))} "
+        f"| {_md(hook_state.sources.get(name, ''))} |"
         for name, value in hook_state.state.items()
     ]
-    return ["**State used** (newest observation of each):", "", "| Feature | Value | Unit | Observed |", "|---|---|---|---|", *rows, ""]
+    counted = [name for name in ("hours_since_dose", "age") if name in hook_state.state]
+    intro = ["**State used** (newest record of each):", ""]
+    if counted and hook_state.reference_time:
+        intro += [f"{' and '.join(counted)} counted to {_md(hook_state.reference_time)}.", ""]
+    return [*intro, "| Feature | Value | Unit | Time | Source |", "|---|---|---|---|---|", *rows, ""]
 
 
 def _doses_section(hook_state: HookState) -> list[str]:

@@ -20,7 +20,7 @@ Units: amounts mg, volumes L, clearances L/h, concentrations mg/L, time h, AUC m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +36,18 @@ FEATURES: tuple[str, ...] = (
     "sbp",  # mmHg
     "heart_rate",  # beats/min
 )
+# The regimen and the covariates a dosing model needs, exact and never missing (the same names
+# as `dosewise.data.schema.DOSE_FEATURES`, repeated here so the simulator does not import the data layer).
+DOSE_FEATURES: tuple[str, ...] = (
+    "dose_mg",  # maintenance dose per administration in force at the row, before the row's decision
+    "interval_h",  # dosing interval, h
+    "hours_since_dose",  # from the start of the last administration to the observation, h
+    "weight_kg",
+    "age",  # years
+    "dialysis",  # 1 on dialysis
+)
+# What `rollout` can hand a policy, by name: the charted features, then the dose-aware ones.
+OBSERVATION_NAMES: tuple[str, ...] = FEATURES + DOSE_FEATURES
 DECISION_HOURS = 4  # one row / one decision every 4 h
 SUBSTEP_HOURS = 1.0  # infusions start on whole hours; the PK solution is exact within a sub-step
 AUC_TARGET = (400.0, 600.0)  # mg*h/L over 24 h, MIC 1 mg/L
@@ -65,6 +77,8 @@ class GotiPK:
 @dataclass(frozen=True)
 class KidneyModel:
     """Exposure-driven AKI, at most one per patient; GFR falls, creatinine follows with a lag.
+    Patients on dialysis have no kidney function left to injure (KDIGO does not apply), so they
+    have no AKI and their creatinine stays at its pre-dialysis baseline.
 
     The per-step hazard is ``base_hazard * OR_auc**ramp((AUC24-600)/100) * OR_trough**ramp((trough-20)/5)``
     with ``ramp(x) = sigmoid(4x) + max(x, 0) / 2``: about the published odds ratio just past each
@@ -132,7 +146,9 @@ class CohortSpec:
     creatinine_median_male: float = 1.0  # mg/dL
     creatinine_median_female: float = 0.8
     creatinine_log_sd: float = 0.4
-    dialysis_frac: float = 0.0
+    dialysis_frac: float = 0.04  # on intermittent haemodialysis: ESRD creatinine, 48 h interval, always loaded
+    dialysis_creatinine_median: float = 6.0  # mg/dL, pre-dialysis serum creatinine
+    dialysis_creatinine_range: tuple[float, float] = (3.0, 12.0)  # mg/dL
     serious_frac: float = 0.5  # serious infections: loading dose, clinician aims at trough 15-20
     steps: tuple[int, int] = (8, 20)  # episode length in 4 h steps, uniform inclusive (mean ~56 h)
     missing_prob: float = 0.0008  # per feature and row: charted value missing
@@ -164,7 +180,7 @@ class Cohort:
     severity0: np.ndarray  # infection severity at start
     sbp_base: np.ndarray  # mmHg without sepsis
     hr_base: np.ndarray  # bpm without sepsis
-    interval_h: np.ndarray  # dosing interval (8, 12 or 24 h)
+    interval_h: np.ndarray  # dosing interval (8, 12 or 24 h by CrCL; 48 h on dialysis)
     dose_mg: np.ndarray  # starting maintenance dose per administration
     loading_mg: np.ndarray  # first dose (loading dose for serious infections)
     steps: np.ndarray  # episode length in decision steps
@@ -222,7 +238,12 @@ def transition_matrices(cl, vc, vp, q, dt: float):
 
 
 def sample_cohort(n: int, rng: np.random.Generator, config: VancomycinConfig = VancomycinConfig()) -> Cohort:
-    """Draw N patients; the starting regimen is the hospital nomogram (15 mg/kg, interval by CrCL)."""
+    """Draw N patients; the starting regimen is the hospital nomogram (15 mg/kg, interval by CrCL).
+
+    Patients on dialysis get the 2020 consensus regimen for intermittent haemodialysis instead: a
+    loading dose (25 mg/kg, at most 3 g) and 7.5 mg/kg every 48 h. Their creatinine is the same draw
+    scaled to pre-dialysis values, so every random draw is the same whatever ``dialysis_frac`` is.
+    """
     spec, pk = config.cohort, config.pk
     age = np.clip(rng.normal(spec.age_mean, spec.age_sd, n), 18, 95)
     sex = (rng.random(n) < spec.male_frac).astype(np.int64)
@@ -231,6 +252,9 @@ def sample_cohort(n: int, rng: np.random.Generator, config: VancomycinConfig = V
     c_med = np.where(sex == 1, spec.creatinine_median_male, spec.creatinine_median_female)
     creatinine = np.clip(c_med * np.exp(rng.normal(0, spec.creatinine_log_sd, n)), 0.4, 4.0)
     dialysis = (rng.random(n) < spec.dialysis_frac).astype(np.int64)
+    creatinine = np.where(
+        dialysis == 1, np.clip(creatinine * spec.dialysis_creatinine_median / c_med, *spec.dialysis_creatinine_range), creatinine
+    )
     serious = rng.random(n) < spec.serious_frac
     omega = lambda cv: np.sqrt(np.log1p(cv**2))
     eta_cl = rng.normal(0, omega(pk.cv_cl), n)
@@ -240,10 +264,10 @@ def sample_cohort(n: int, rng: np.random.Generator, config: VancomycinConfig = V
     sbp_base = rng.normal(128, 12, n)
     hr_base = rng.normal(78, 8, n)
     crcl = cockcroft_gault(age, weight, creatinine, sex, pk)
-    interval = np.select([crcl >= 100, crcl >= 50], [8, 12], 24).astype(np.int64)
+    interval = np.select([dialysis == 1, crcl >= 100, crcl >= 50], [48, 8, 12], 24).astype(np.int64)
     round_250 = lambda mg: np.maximum(250.0, np.round(mg / 250.0) * 250.0)
-    dose = round_250(15.0 * weight)
-    loading = np.where(serious, np.minimum(round_250(25.0 * weight), 3000.0), dose)
+    dose = np.where(dialysis == 1, round_250(7.5 * weight), round_250(15.0 * weight))
+    loading = np.where(serious | (dialysis == 1), np.minimum(round_250(25.0 * weight), 3000.0), dose)
     steps = rng.integers(spec.steps[0], spec.steps[1] + 1, n)
     return Cohort(
         age=age,
@@ -310,6 +334,9 @@ class VancomycinSimulator:
     Every random draw of the patients (measurement noise, missing values, AKI events) is made up
     front from ``seed``, so two policies run on the same cohort and seed meet identical luck:
     their outcomes differ only through their decisions (common random numbers).
+
+    Every administration is recorded (`administrations`), so a model-informed dosing method can
+    replay the exact dosing record through the PK model.
     """
 
     def __init__(self, cohort: Cohort, seed: int, config: VancomycinConfig = VancomycinConfig()):
@@ -338,6 +365,8 @@ class VancomycinSimulator:
         self.creatinine = c.creatinine_base.astype(float).copy()
         self.severity = c.severity0.astype(float).copy()
         self.aki_onset = np.zeros(n, dtype=bool)
+        self.last_dose_hour = np.zeros(n, dtype=np.int64)  # start hour of the latest administration
+        self._dose_log: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (hour, patients, mg, h)
         self._refresh_pk()
         # The first charted row comes one decision step after the first (loading) dose started,
         # so the first level a policy sees is a real post-dose level, not the empty pre-dose one.
@@ -373,7 +402,7 @@ class VancomycinSimulator:
             self._advance_hour()
         auc24 = self.auc24
         hazard = aki_hazard(auc24, self.trough, cfg.kidney)
-        new_aki = (self._aki_u[self.t] < hazard) & ~self.aki_onset  # one injury per patient
+        new_aki = (self._aki_u[self.t] < hazard) & ~self.aki_onset & (self.cohort.dialysis == 0)  # one injury per patient
         self.gfr = np.where(new_aki, self.gfr * self._gfr_drop[self.t], self.gfr)
         self.aki_onset |= new_aki
         self._refresh_pk()
@@ -400,6 +429,9 @@ class VancomycinSimulator:
             hours = np.ceil(amount / cfg.regimen.max_rate_mg_h)
             self.infusion_left_h = np.where(due, hours, self.infusion_left_h)
             self.infusion_rate = np.where(due, amount / hours, self.infusion_rate)
+            self.last_dose_hour = np.where(due, self.hour, self.last_dose_hour)
+            patients = np.flatnonzero(due)
+            self._dose_log.append((self.hour, patients, amount[patients].copy(), hours[patients].copy()))
         u = np.where(self.infusion_left_h > 0, self.infusion_rate, 0.0)
         auc_before = self.x[:, 2].copy()
         self.x = np.einsum("nij,nj->ni", self._phi, self.x) + self._gamma * u[:, None]
@@ -441,6 +473,32 @@ class VancomycinSimulator:
         )
         return np.where(self._missing[self.t], np.nan, obs)
 
+    def dose_state(self) -> np.ndarray:
+        """The dose-aware values `DOSE_FEATURES` [N, 6], exact and never missing, at the time of `observe`.
+
+        ``dose_mg`` is the regimen in force (the next administrations get it unless the next
+        action changes it); ``hours_since_dose`` counts from the start of the latest administration.
+        """
+        c = self.cohort
+        return np.stack(
+            [self.dose, c.interval_h, self.hour - self.last_dose_hour, c.weight, c.age, c.dialysis],
+            axis=1,
+        ).astype(np.float64)
+
+    def administrations(self) -> list[np.ndarray]:
+        """Every administration so far, per patient: ``[k, 3]`` rows of (start hour, amount mg, infusion h).
+
+        Start hours count from the first (loading) dose at hour 0, on the simulator's clock: the
+        observation of decision step t is made at hour ``DECISION_HOURS * (t + 1)``. Each dose is a
+        zero-order infusion of ``amount / duration`` mg/h into the central compartment, so replaying
+        these rows through `transition_matrices` with the patient's PK parameters gives its concentration.
+        """
+        rows: list[list[tuple[float, float, float]]] = [[] for _ in range(self.cohort.n)]
+        for hour, patients, amounts, durations in self._dose_log:
+            for i, amount, duration in zip(patients, amounts, durations):
+                rows[i].append((float(hour), float(amount), float(duration)))
+        return [np.asarray(r, dtype=np.float64).reshape(-1, 3) for r in rows]
+
 
 def kdigo_aki(creatinine: np.ndarray, baseline: np.ndarray) -> np.ndarray:
     """KDIGO creatinine criterion: rise >= 0.3 mg/dL or >= 1.5x baseline at any step. creatinine: [T, N]."""
@@ -450,7 +508,8 @@ def kdigo_aki(creatinine: np.ndarray, baseline: np.ndarray) -> np.ndarray:
 # Charted values assumed before the first measurement of a feature (normal adult values).
 NORMAL_VALUES = np.array([15.0, 1.0, 8.0, 15.0, 37.0, 120.0, 80.0])
 
-# A policy maps LOCF-filled observations [N, 7] to relative dose changes [N] in [-1, 1].
+# A policy maps observations [N, D] to relative dose changes [N] in [-1, 1]: by default the 7
+# LOCF-filled charted features; `rollout(features=...)` picks any columns of OBSERVATION_NAMES.
 Policy = Callable[[np.ndarray], np.ndarray]
 
 
@@ -468,11 +527,20 @@ class Trajectories:
     new_aki: np.ndarray  # bool
     dose_mg: np.ndarray  # regimen after each decision
     steps: np.ndarray  # [N] episode lengths
+    dose_state: np.ndarray | None = None  # [T, N, 6] DOSE_FEATURES at each observation (before its decision)
+    # Per patient, (start hour, amount mg, infusion h) of every administration within the course
+    # (from the loading dose at hour 0 to the end of its last step); see `VancomycinSimulator.administrations`.
+    administrations: tuple[np.ndarray, ...] = ()
 
     @property
     def mask(self) -> np.ndarray:
         """[T, N] bool, True on real (non-padding) steps."""
         return np.arange(self.actions.shape[0])[:, None] < self.steps[None, :]
+
+    @property
+    def observation_hours(self) -> np.ndarray:
+        """[T] simulator hour of each step's observation (the first dose starts at hour 0)."""
+        return (np.arange(self.actions.shape[0]) + 1) * DECISION_HOURS
 
 
 def fill_forward(obs: np.ndarray, last: np.ndarray) -> np.ndarray:
@@ -480,17 +548,58 @@ def fill_forward(obs: np.ndarray, last: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(obs), last, obs)
 
 
-def rollout(cohort: Cohort, policy: Policy, seed: int, config: VancomycinConfig = VancomycinConfig()) -> Trajectories:
-    """Run ``policy`` on every patient for its episode length; the policy sees LOCF-filled features."""
+def policy_features(policy: Policy) -> tuple[str, ...]:
+    """The columns a policy asks for: the ``feature_names`` it (or, for a bound method such as
+    ``TrainedIQL.policy_action``, its model) declares; otherwise the 7 charted features."""
+    for owner in (policy, getattr(policy, "__self__", None)):
+        names = getattr(owner, "feature_names", None)
+        if names is not None:
+            return tuple(names)
+    return FEATURES
+
+
+def feature_columns(features: Sequence[str]) -> np.ndarray:
+    """Column indices of ``features`` in OBSERVATION_NAMES; an unknown name is a ValueError listing the known ones."""
+    unknown = [name for name in features if name not in OBSERVATION_NAMES]
+    if unknown:
+        raise ValueError(f"the simulator has no feature {', '.join(map(repr, unknown))}; it observes {', '.join(OBSERVATION_NAMES)}")
+    return np.array([OBSERVATION_NAMES.index(name) for name in features], dtype=np.int64)
+
+
+def rollout(
+    cohort: Cohort,
+    policy: Policy,
+    seed: int,
+    config: VancomycinConfig = VancomycinConfig(),
+    features: Sequence[str] | None = None,
+) -> Trajectories:
+    """Run ``policy`` on every patient for its episode length. The policy sees the columns ``features``
+    (names of OBSERVATION_NAMES, in that order; default `policy_features`): charted ones LOCF-filled,
+    dose-aware ones exact."""
+    columns = feature_columns(policy_features(policy) if features is None else features)
     sim = VancomycinSimulator(cohort, seed, config)
     raw = sim.reset()
     filled = fill_forward(raw, np.broadcast_to(NORMAL_VALUES, raw.shape))
     horizon = int(cohort.steps.max())
-    keys = ("observations", "actions", "rewards", "auc24", "cumulative_auc", "concentration", "creatinine", "new_aki", "dose_mg")
+    keys = (
+        "observations",
+        "dose_state",
+        "actions",
+        "rewards",
+        "auc24",
+        "cumulative_auc",
+        "concentration",
+        "creatinine",
+        "new_aki",
+        "dose_mg",
+    )
     out: dict[str, list] = {k: [] for k in keys}
     for _ in range(horizon):
-        action = np.clip(np.asarray(policy(filled), dtype=float).reshape(-1), -1.0, 1.0)
+        dose_state = sim.dose_state()
+        seen = np.concatenate([filled, dose_state], axis=1)[:, columns]
+        action = np.clip(np.asarray(policy(seen), dtype=float).reshape(-1), -1.0, 1.0)
         out["observations"].append(raw)
+        out["dose_state"].append(dose_state)
         out["actions"].append(action)
         raw, info = sim.step(action)
         filled = fill_forward(raw, filled)
@@ -501,4 +610,6 @@ def rollout(cohort: Cohort, policy: Policy, seed: int, config: VancomycinConfig 
         out["creatinine"].append(info.creatinine)
         out["new_aki"].append(info.new_aki)
         out["dose_mg"].append(info.dose_mg)
-    return Trajectories(**{k: np.stack(v) for k, v in out.items()}, steps=cohort.steps.copy())
+    course_end = DECISION_HOURS * (cohort.steps + 1)  # end of each patient's last step
+    administrations = tuple(record[record[:, 0] < end] for record, end in zip(sim.administrations(), course_end))
+    return Trajectories(**{k: np.stack(v) for k, v in out.items()}, steps=cohort.steps.copy(), administrations=administrations)

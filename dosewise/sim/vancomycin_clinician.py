@@ -17,6 +17,7 @@ import pandas as pd
 
 from dosewise.sim.vancomycin import (
     DECISION_HOURS,
+    DOSE_FEATURES,
     FEATURES,
     Cohort,
     VancomycinConfig,
@@ -76,6 +77,9 @@ class VancomycinClinician:
         return np.round(np.clip(action, -1.0, 1.0) / h.resolution) * h.resolution
 
 
+# Dose-aware columns written as they are; the others (interval, hours, dialysis) are whole numbers.
+_CONTINUOUS = frozenset({"dose_mg", "weight_kg", "age"})
+
 # Decimal places a chart keeps per feature.
 _CHART_DECIMALS = {"vanco_level": 1, "creatinine": 2, "wbc": 1, "bun": 0, "temperature": 1, "sbp": 0, "heart_rate": 0}
 
@@ -88,7 +92,13 @@ def simulate_dataset(
 ) -> pd.DataFrame:
     """A clinical-export-like table, one row per patient per 4 h step.
 
-    Columns: patient_id, time (h), the 7 features (NaN where not charted), action, reward.
+    Columns: patient_id, time (h), the 7 charted features (NaN where not charted), the dose-aware
+    columns of DOSE_FEATURES (exact, never missing; ``dose_mg`` is the regimen before the row's
+    action, so the next row's is ``clip(dose_mg * (1 + 0.5 * action))``), sex (1 male, 0 female:
+    not part of the state, but Cockcroft-Gault needs it), action, reward.
+
+    Row time t is simulator hour t + 4: the first (loading) dose started 4 h before the first row,
+    so a row's last administration started ``hours_since_dose`` hours before its time.
     """
     seeds = np.random.SeedSequence(seed).spawn(3)
     cohort = sample_cohort(n_patients, np.random.default_rng(seeds[0]), config)
@@ -102,6 +112,10 @@ def simulate_dataset(
     obs = traj.observations[t_idx, p_idx]
     for j, name in enumerate(FEATURES):
         frame[name] = np.round(obs[:, j], _CHART_DECIMALS[name])
+    dose_state = traj.dose_state[t_idx, p_idx]
+    for j, name in enumerate(DOSE_FEATURES):
+        frame[name] = dose_state[:, j] if name in _CONTINUOUS else dose_state[:, j].astype(np.int64)
+    frame["sex"] = cohort.sex[p_idx].astype(np.int64)
     frame["action"] = np.round(traj.actions[t_idx, p_idx], 3)
     frame["reward"] = np.round(traj.rewards[t_idx, p_idx], 4)
     return frame

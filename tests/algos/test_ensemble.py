@@ -127,6 +127,7 @@ def test_cli_trains_evaluates_and_recommends_an_ensemble(tmp_path: Path) -> None
     assert set(result["ensemble"]["summary"]["aki_rate"]) == {"mean", "sd"}
 
     state = ["vanco_level=25", "creatinine=1.4", "wbc=12", "bun=22", "temperature=38.1", "sbp=115", "heart_rate=98"]
+    state += ["dose_mg=1250", "interval_h=12", "hours_since_dose=4", "weight_kg=80", "age=60", "dialysis=0"]  # simulated data is dose-aware
     rec = json.loads(invoke("recommend", "--run", run, *[x for s in state for x in ("--state", s)], "--json").output)
     assert rec["members"] == 3 and len(rec["member_actions"]) == 3
     assert rec["policy_action"] == pytest.approx(np.mean(rec["member_actions"]), abs=1e-6)

@@ -138,6 +138,7 @@ def test_a_run_without_manifest_loads_with_one_warning_line(reference, tmp_path)
         model = TrainedIQL.load(run)
     assert model.step == STEPS
     state = ["vanco_level=25", "creatinine=1.1", "wbc=12", "bun=18", "temperature=38.2", "sbp=118", "heart_rate=96"]
+    state += ["dose_mg=1250", "interval_h=12", "hours_since_dose=4", "weight_kg=80", "age=60", "dialysis=0"]  # simulated data is dose-aware
     result = invoke("recommend", "--run", run, *[x for s in state for x in ("--state", s)], "--json")
     assert result.exit_code == 0, result.output
     lines = _stderr_lines(result)

@@ -20,7 +20,7 @@ from dosewise.algos.recommend import StateError, parse_state, recommend, validat
 from dosewise.algos.trained import TrainedIQL
 from dosewise.checkpoint import CheckpointError
 from dosewise.cli import app
-from dosewise.data.schema import FEATURES, PHYSIOLOGICAL_BOUNDS
+from dosewise.data.schema import DOSE_FEATURES, FEATURES, PHYSIOLOGICAL_BOUNDS
 
 STATE = {"vanco_level": 25.0, "creatinine": 1.1, "wbc": 12.0, "bun": 18.0, "temperature": 38.2, "sbp": 118.0, "heart_rate": 96.0}
 TWO = ("vanco_level", "creatinine")
@@ -37,11 +37,13 @@ def _cli(run: Path, state: dict, *flags: str):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model on a small simulated cohort: a few seconds, enough to exercise every check."""
+    """A tiny model on the 7 charted features of a small simulated cohort: a few seconds, enough to exercise every check."""
     root = tmp_path_factory.mktemp("reliable")
     api.simulate_vancomycin(root / "vanco.csv", patients=12, seed=4)
     config = api.resolve_iql_run("iql_conservative", root / "vanco.csv", steps=20, seed=0)
-    config = config.model_copy(update={"iql": config.iql.model_copy(update={"hidden": (16, 16)})})
+    config = config.model_copy(
+        update={"iql": config.iql.model_copy(update={"hidden": (16, 16)}), "data": config.data.with_features(FEATURES)}
+    )
     api.train_iql_from_file(root / "vanco.csv", root / "run", config, echo=lambda _: None)
     return root / "run"
 
@@ -124,7 +126,7 @@ def test_any_api_value_is_a_number_or_a_state_error(value: object) -> None:
 
 
 def test_every_vancomycin_feature_has_a_physiological_range() -> None:
-    assert set(PHYSIOLOGICAL_BOUNDS) == set(FEATURES)
+    assert set(PHYSIOLOGICAL_BOUNDS) == set(FEATURES) | set(DOSE_FEATURES)
     assert PHYSIOLOGICAL_BOUNDS["temperature"] == (25.0, 45.0) and PHYSIOLOGICAL_BOUNDS["creatinine"] == (0.1, 20.0)
     with pytest.raises(TypeError):
         PHYSIOLOGICAL_BOUNDS["temperature"] = (0.0, 500.0)  # type: ignore[index]
@@ -238,3 +240,12 @@ def test_cli_never_prints_a_nan_recommendation(run_dir: Path, monkeypatch: pytes
         result = _cli(run_dir, STATE, *flags)
         assert result.exit_code == 2 and result.stdout == ""
         assert "policy action is not finite" in result.output and "+nan" not in result.output
+
+
+def test_a_binary_feature_takes_0_or_1_only() -> None:
+    names = (*FEATURES, "dialysis")
+    assert validate_state({**STATE, "dialysis": 1}, names)["dialysis"] == 1.0
+    assert validate_state({**STATE, "dialysis": "0"}, names)["dialysis"] == 0.0
+    for value in (0.5, 2, -1):
+        with pytest.raises(StateError, match=r"^feature 'dialysis': .* is not 0 or 1; expected 0 \(no\) or 1 \(yes\)"):
+            validate_state({**STATE, "dialysis": value}, names)

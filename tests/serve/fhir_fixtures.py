@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from datetime import date, datetime, timedelta
 from typing import Any
 
 LOINC_SYSTEM = "http://loinc.org"
 UCUM_SYSTEM = "http://unitsofmeasure.org"
+SNOMED_SYSTEM = "http://snomed.info/sct"
+ICD10CM_SYSTEM = "http://hl7.org/fhir/sid/icd-10-cm"
+DIALYSIS_ICD10CM = "Z99.2"
+DIALYSIS_SNOMED = "105502003"
 PATIENT_ID = "pat-1"
 TIME = "2024-03-01T08:00:00+00:00"
 
@@ -30,6 +35,7 @@ CODING: dict[str, tuple[str, str, str]] = {
     "temperature": ("8310-5", "°C", "Cel"),
     "sbp": ("8480-6", "mmHg", "mm[Hg]"),
     "heart_rate": ("8867-4", "beats/minute", "/min"),
+    "weight_kg": ("29463-7", "kg", "kg"),
 }
 
 
@@ -151,3 +157,61 @@ def hook_request(
     if prefetch is not None:
         body["prefetch"] = dict(prefetch)
     return body
+
+
+def patient(birth_date: str | None, id: str = PATIENT_ID) -> dict:
+    """A Patient resource, as the `patient` prefetch (Patient/{{context.patientId}}) returns it."""
+    resource: dict[str, Any] = {"resourceType": "Patient", "id": id, "gender": "female"}
+    if birth_date is not None:
+        resource["birthDate"] = birth_date
+    return resource
+
+
+def condition(
+    code: str = DIALYSIS_ICD10CM,
+    system: str = ICD10CM_SYSTEM,
+    clinical_status: str | None = "active",
+    verification: str | None = "confirmed",
+    id: str | None = None,
+    patient: str = PATIENT_ID,
+) -> dict:
+    """A Condition with one coding; `clinical_status` or `verification` None leaves that status out."""
+    resource: dict[str, Any] = {
+        "resourceType": "Condition",
+        "id": id or resource_id("cond", code, clinical_status),
+        "code": {"coding": [{"system": system, "code": code}]},
+        "subject": {"reference": f"Patient/{patient}"},
+        "recordedDate": "2023-11-02",
+    }
+    if clinical_status is not None:
+        status_system = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+        resource["clinicalStatus"] = {"coding": [{"system": status_system, "code": clinical_status}]}
+    if verification is not None:
+        status_system = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+        resource["verificationStatus"] = {"coding": [{"system": status_system, "code": verification}]}
+    return resource
+
+
+def birth_date_for(age: int, now: datetime) -> str:
+    """A birthDate that makes the patient exactly `age` whole years old at `now`, half a year from any birthday."""
+    today = now.date()
+    return (date(today.year - age, today.month, 1) - timedelta(days=180)).isoformat()
+
+
+def dose_aware_prefetch(state: Mapping[str, float], now: datetime, conditions: Iterable[Mapping[str, Any]] = ()) -> dict:
+    """The prefetch a dose-aware state is read back from at `now`: the labs, vitals and weight as Observations an
+    hour before `now`, the newest dose (`dose_mg`) `hours_since_dose` before `now` and one `interval_h` before that,
+    the Patient whose age at `now` is `age`, and the active `conditions` (none for a state with dialysis 0)."""
+    now = now.replace(microsecond=0)
+    observed = (now - timedelta(hours=1)).isoformat()
+    newest = now - timedelta(hours=state["hours_since_dose"])
+    previous = newest - timedelta(hours=state["interval_h"])
+    labs = {name: value for name, value in state.items() if name in CODING}
+    return {
+        "observations": bundle(feature_observation(name, value, time=observed) for name, value in labs.items()),
+        "medications": bundle(
+            med_admin(state["dose_mg"], time=when.isoformat(), id=resource_id("ma", index)) for index, when in enumerate([newest, previous])
+        ),
+        "patient": patient(birth_date_for(int(state["age"]), now)),
+        "conditions": bundle(conditions),
+    }

@@ -10,6 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from dosewise import api
+from dosewise.data.schema import EXAMPLE_STATE
 from dosewise.data.windows import build_windows, split_by_case
 from dosewise.planner.config import ClosedLoopConfig
 from dosewise.planner.training import train_planner
@@ -19,8 +20,7 @@ from dosewise.serve.service import Service
 from dosewise.serve.store import Store
 from tests.planner.conftest import tiny_run
 
-# A patient state inside every physiological range, in the units of the vancomycin features.
-STATE = {"vanco_level": 25.0, "creatinine": 1.1, "wbc": 12.0, "bun": 18.0, "temperature": 38.2, "sbp": 118.0, "heart_rate": 96.0}
+STATE = dict(EXAMPLE_STATE)  # a state inside every physiological range, 13 features
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from dosewise import api
 from dosewise.cli import app as cli
 from dosewise.config import ConfigError
-from dosewise.data.schema import FEATURE_UNITS, PHYSIOLOGICAL_BOUNDS
+from dosewise.data.schema import BINARY_FEATURES, FEATURE_UNITS, PHYSIOLOGICAL_BOUNDS
 from dosewise.serve import app as app_module
 from dosewise.serve.app import create_app
 from dosewise.serve.server import build_app, is_loopback
@@ -195,7 +195,7 @@ def test_vancomycin_unknown_feature_is_422_naming_it(client):
     assert "unknown feature(s) 'lactate'" in item["msg"]
 
 
-@pytest.mark.parametrize("feature", list(STATE))
+@pytest.mark.parametrize("feature", [name for name in STATE if name not in BINARY_FEATURES])  # 0/1 only: its own message
 @pytest.mark.parametrize("side", ["min", "max"])
 def test_vancomycin_out_of_range_value_is_422_naming_the_feature_and_its_range(client, feature, side):
     low, high = PHYSIOLOGICAL_BOUNDS[feature]
@@ -206,6 +206,12 @@ def test_vancomycin_out_of_range_value_is_422_naming_the_feature_and_its_range(c
     assert item["loc"] == ["body", "state"]
     assert item["msg"].startswith(f"{feature} = {value:g} is {'below the minimum' if side == 'min' else 'above the maximum'}")
     assert "allow_out_of_range" in item["msg"]
+
+
+def test_vancomycin_dialysis_other_than_0_or_1_is_422(client):
+    response = client.post(VANCOMYCIN, json={"state": {**STATE, "dialysis": 2.0}, "allow_out_of_range": True})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["msg"] == "feature 'dialysis': 2 is not 0 or 1; expected 0 (no) or 1 (yes)"
 
 
 def test_vancomycin_allow_out_of_range_answers_with_the_overrides(client, iql_run):

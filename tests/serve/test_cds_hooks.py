@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
 
 from dosewise.api import DoseRecommendation
-from dosewise.data.schema import FEATURES
+from dosewise.data.schema import DOSE_FEATURES, FEATURES
 from dosewise.serve.cds_hooks import LOINC, SERVICE_ID, SUMMARY_LIMIT, HookRequest, HookState, cards, discovery, read_prefetch
 from tests.serve.fhir_fixtures import (
+    DIALYSIS_SNOMED,
     PATIENT_ID,
+    SNOMED_SYSTEM,
     STATE,
     bp_panel,
     bundle,
+    condition,
+    dose_aware_prefetch,
     feature_observation,
     full_prefetch,
     hook_request,
     med_admin,
     observation,
+    patient,
 )
 
 EARLY = "2024-03-01T06:00:00+00:00"
@@ -179,8 +185,8 @@ def test_empty_or_absent_prefetch_names_every_feature():
 
 
 def test_feature_without_a_fhir_source_is_missing():
-    hook = read_prefetch(full_prefetch(STATE), [*FEATURES, "weight_kg"])
-    assert hook.missing == ["weight_kg: this service reads no FHIR resource for it"]
+    hook = read_prefetch(full_prefetch(STATE), [*FEATURES, "lactate"])
+    assert hook.missing == ["lactate: this service reads no FHIR resource for it"]
     assert not hook.complete
 
 
@@ -210,15 +216,22 @@ def test_invalid_resource_is_skipped_with_the_reason():
 def test_resources_that_are_not_json_objects_or_not_read_are_skipped():
     prefetch = full_prefetch(STATE)
     prefetch["observations"]["entry"].append({"fullUrl": "x"})
-    prefetch["patient"] = {"resourceType": "Patient", "id": PATIENT_ID}
+    prefetch["procedure"] = {"resourceType": "Procedure", "id": "proc-1"}
     prefetch["junk"] = ["not", "a", "resource"]
     hook = read_prefetch(prefetch, FEATURES)
     assert hook.state == STATE
     assert hook.skipped == [
         "prefetch['observations'] entry 7: no resource with a resourceType",
         "prefetch['junk']: not a FHIR resource (a JSON object with a resourceType was expected)",
-        "Patient/pat-1: a Patient is not read by this service (only Observation and MedicationAdministration)",
+        "Procedure/proc-1: a Procedure is not read by this service (only Observation, MedicationAdministration, Patient and Condition)",
     ]
+
+
+def test_patient_and_conditions_are_passed_over_by_a_model_without_age_or_dialysis():
+    prefetch = full_prefetch(STATE) | {"patient": patient("1960-05-04"), "conditions": bundle([condition()])}
+    hook = read_prefetch(prefetch, FEATURES)
+    assert hook.state == STATE
+    assert hook.skipped == [] and hook.missing == []
 
 
 def test_single_resource_prefetch_value_is_read():
@@ -334,6 +347,345 @@ def test_date_only_and_partial_times_order_with_date_times():
     assert hook.observed_at["bun"] == "2024-03-02"
 
 
+# --- the dose-aware features -----------------------------------------------------------------------
+
+NOW = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
+REFERENCE = "2024-03-01T12:00:00+00:00"
+DOSE_AWARE = (*FEATURES, *DOSE_FEATURES)
+NEWEST_DOSE = "2024-03-01T08:00:00+00:00"
+PREVIOUS_DOSE = "2024-02-29T20:00:00+00:00"
+TWO_DOSES = (med_admin(1000.0, time=PREVIOUS_DOSE, id="d1"), med_admin(1250.0, time=NEWEST_DOSE, id="d2"))
+DOSE_STATE = {"dose_mg": 1250.0, "interval_h": 12.0, "hours_since_dose": 4.0, "weight_kg": 80.0, "age": 63.0, "dialysis": 0.0}
+REGIMEN_WHAT = {
+    "dose_mg": "dose_mg (dose of the newest vancomycin MedicationAdministration)",
+    "hours_since_dose": "hours_since_dose (start of the newest vancomycin MedicationAdministration)",
+    "interval_h": "interval_h (starts of the newest two vancomycin MedicationAdministrations)",
+}
+DIALYSIS_WHAT = "dialysis (an active Condition coded SNOMED 105502003 or ICD-10-CM Z99.2)"
+
+
+def dose_aware_record(
+    doses: tuple[dict, ...] = TWO_DOSES,
+    weight: tuple[float, str, str] | None = (80.0, "kg", "kg"),
+    birth_date: str | None = "1960-05-04",
+    conditions: tuple[dict, ...] = (),
+) -> dict:
+    """The full prefetch of STATE with vancomycin doses, a body weight, the Patient and the (complete) conditions query."""
+    prefetch = full_prefetch(STATE, doses=doses)
+    if weight is not None:
+        prefetch["observations"]["entry"] += bundle([observation("29463-7", *weight, id="wt1")])["entry"]
+    prefetch["patient"] = patient(birth_date)
+    prefetch["conditions"] = bundle(conditions)
+    return prefetch
+
+
+def read_dose_aware(prefetch: dict, now: datetime = NOW) -> HookState:
+    return read_prefetch(prefetch, DOSE_AWARE, PATIENT_ID, now=now)
+
+
+def test_dose_aware_record_gives_the_whole_state_with_sources():
+    hook = read_dose_aware(dose_aware_record())
+    assert hook.state == STATE | DOSE_STATE
+    assert list(hook.state) == list(DOSE_AWARE)
+    assert (hook.missing, hook.unit_mismatch, hook.skipped) == ([], [], [])
+    assert hook.complete
+    assert hook.reference_time == REFERENCE
+    assert {name: hook.observed_at[name] for name in DOSE_FEATURES} == {
+        "dose_mg": NEWEST_DOSE,
+        "interval_h": NEWEST_DOSE,
+        "hours_since_dose": NEWEST_DOSE,
+        "weight_kg": "2024-03-01T08:00:00+00:00",
+        "age": REFERENCE,
+        "dialysis": REFERENCE,
+    }
+    assert {name: hook.sources[name] for name in DOSE_FEATURES} == {
+        "dose_mg": "MedicationAdministration/d2 (completed)",
+        "interval_h": (
+            f"starts of MedicationAdministration/d1 at {PREVIOUS_DOSE} and MedicationAdministration/d2 at {NEWEST_DOSE} (12.00 h apart)"
+        ),
+        "hours_since_dose": f"start of MedicationAdministration/d2, to {REFERENCE}",
+        "weight_kg": "Observation/wt1 (LOINC 29463-7)",
+        "age": "Patient/pat-1 birthDate 1960-05-04",
+        "dialysis": "no active dialysis condition in the record (prefetch 'conditions')",
+    }
+    assert hook.sources["creatinine"] == "Observation/creatinine-2024-03-01T08-00-00-00-00 (LOINC 2160-0)"
+
+
+def test_card_lists_every_feature_used_with_its_source_and_time():
+    (card,) = cards(read_dose_aware(dose_aware_record()), RECOMMENDATION, "iql")["cards"]
+    detail = card["detail"]
+    assert "| Feature | Value | Unit | Time | Source |" in detail
+    assert f"hours\\_since\\_dose and age counted to {REFERENCE}." not in detail  # feature names are shown as they are
+    assert f"hours_since_dose and age counted to {REFERENCE}." in detail
+    for row in (
+        "| creatinine | 1.1 | mg/dL | 2024-03-01T08:00:00+00:00 | Observation/creatinine-2024-03-01T08-00-00-00-00 (LOINC 2160-0) |",
+        f"| dose_mg | 1250 | mg | {NEWEST_DOSE} | MedicationAdministration/d2 (completed) |",
+        f"| interval_h | 12 | h | {NEWEST_DOSE} | starts of MedicationAdministration/d1 at {PREVIOUS_DOSE} and MedicationAdministration/d2",
+        f"| hours_since_dose | 4 | h | {NEWEST_DOSE} | start of MedicationAdministration/d2, to {REFERENCE} |",
+        "| weight_kg | 80 | kg | 2024-03-01T08:00:00+00:00 | Observation/wt1 (LOINC 29463-7) |",
+        f"| age | 63 | y | {REFERENCE} | Patient/pat-1 birthDate 1960-05-04 |",
+        f"| dialysis | 0 | 0/1 | {REFERENCE} | no active dialysis condition in the record (prefetch 'conditions') |",
+    ):
+        assert row in detail
+
+
+def test_one_dose_gives_no_interval_and_says_why():
+    hook = read_dose_aware(dose_aware_record(doses=(med_admin(1250.0, time=NEWEST_DOSE, id="d2"),)))
+    assert hook.state["dose_mg"] == 1250.0 and hook.state["hours_since_dose"] == 4.0
+    assert "interval_h" not in hook.state
+    assert hook.missing == [
+        f"{REGIMEN_WHAT['interval_h']}: only one vancomycin administration in the prefetch (MedicationAdministration/d2 at {NEWEST_DOSE}), "
+        "so no interval"
+    ]
+    assert not hook.complete
+    (card,) = cards(hook, None, "iql")["cards"]
+    assert card["summary"] == "Vancomycin recommendation not available: 1 value missing"
+    assert "only one vancomycin administration in the prefetch" in card["detail"]
+
+
+@pytest.mark.parametrize(("dose", "mg"), [((1.25, "g"), 1250.0), ((0.75, "g"), 750.0), (1500.0, 1500.0)])
+def test_dose_in_grams_is_read_in_mg(dose, mg):
+    doses = (med_admin(1000.0, time=PREVIOUS_DOSE, id="d1"), med_admin(dose, time=NEWEST_DOSE, id="d2"))
+    assert read_dose_aware(dose_aware_record(doses=doses)).state["dose_mg"] == mg
+
+
+@pytest.mark.parametrize(("previous", "interval"), [("2024-02-29T20:20:00+00:00", 12.0), ("2024-02-29T20:31:00+00:00", 11.0)])
+def test_interval_is_rounded_to_the_nearest_hour_and_a_period_start_counts(previous, interval):
+    newest = med_admin(1250.0, time=NEWEST_DOSE, id="d2")
+    del newest["effectiveDateTime"]
+    newest["effectivePeriod"] = {"start": NEWEST_DOSE, "end": "2024-03-01T09:30:00+00:00"}
+    hook = read_dose_aware(dose_aware_record(doses=(med_admin(1000.0, time=previous, id="d1"), newest)))
+    assert hook.state["interval_h"] == interval
+    assert hook.state["hours_since_dose"] == 4.0  # from the start of the infusion, not its end
+
+
+def test_no_dose_leaves_the_regimen_missing():
+    hook = read_dose_aware(dose_aware_record(doses=()))
+    assert [name for name in DOSE_FEATURES if name not in hook.state] == ["dose_mg", "interval_h", "hours_since_dose"]
+    assert hook.missing == [
+        f"{REGIMEN_WHAT[name]}: no vancomycin administration in the prefetch" for name in ("dose_mg", "interval_h", "hours_since_dose")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (
+            {"status": "stopped"},
+            f"MedicationAdministration/d2 at {NEWEST_DOSE}, has status stopped (only completed or in-progress doses are read as given)",
+        ),
+        (
+            {"status": "on-hold"},
+            f"MedicationAdministration/d2 at {NEWEST_DOSE}, has status on-hold (only completed or in-progress doses are read as given)",
+        ),
+        ({"effectiveDateTime": "2024-03-01"}, "MedicationAdministration/d2, is recorded at 2024-03-01 without a time of day"),
+        (
+            {"effectiveDateTime": "2024-03-01T13:00:00+00:00"},
+            f"MedicationAdministration/d2, starts at 2024-03-01T13:00:00+00:00, after the reference time {REFERENCE}",
+        ),
+    ],
+)
+def test_newest_dose_not_known_as_given_is_not_replaced_by_an_older_one(change, why):
+    doses = (med_admin(1000.0, time=PREVIOUS_DOSE, id="d1"), med_admin(1250.0, time=NEWEST_DOSE, id="d2") | change)
+    hook = read_dose_aware(dose_aware_record(doses=doses))
+    assert not any(name in hook.state for name in ("dose_mg", "interval_h", "hours_since_dose"))
+    assert hook.missing == [f"{REGIMEN_WHAT[name]}: the newest, {why}" for name in ("dose_mg", "interval_h", "hours_since_dose")]
+
+
+def test_in_progress_dose_counts_and_one_before_it_not_given_leaves_the_interval_missing():
+    doses = (
+        med_admin(1000.0, time=PREVIOUS_DOSE, id="d1", status="unknown"),
+        med_admin(1250.0, time=NEWEST_DOSE, id="d2", status="in-progress"),
+    )
+    hook = read_dose_aware(dose_aware_record(doses=doses))
+    assert hook.state["dose_mg"] == 1250.0 and hook.state["hours_since_dose"] == 4.0
+    assert hook.missing == [
+        f"{REGIMEN_WHAT['interval_h']}: the one before the newest, MedicationAdministration/d1 at {PREVIOUS_DOSE}, has status unknown "
+        "(only completed or in-progress doses are read as given)"
+    ]
+
+
+def test_newest_dose_in_another_unit_is_a_mismatch_and_without_amount_is_missing():
+    doses = (med_admin(1000.0, time=PREVIOUS_DOSE, id="d1"), med_admin((15.0, "mg/kg"), time=NEWEST_DOSE, id="d2"))
+    hook = read_dose_aware(dose_aware_record(doses=doses))
+    assert "dose_mg" not in hook.state and hook.state["interval_h"] == 12.0
+    assert hook.unit_mismatch == ["vancomycin dose MedicationAdministration/d2: unit mg/kg where mg is expected"]
+    assert hook.missing == []
+    (card,) = cards(hook, None, "iql")["cards"]
+    assert card["summary"] == "Vancomycin recommendation not available: 1 in an unexpected unit"
+
+    doses = (med_admin(1000.0, time=PREVIOUS_DOSE, id="d1"), med_admin(None, time=NEWEST_DOSE, id="d2"))
+    hook = read_dose_aware(dose_aware_record(doses=doses))
+    assert hook.missing == [f"{REGIMEN_WHAT['dose_mg']}: the newest, MedicationAdministration/d2 at {NEWEST_DOSE}, records no dose"]
+
+
+def test_two_doses_starting_together_are_not_read_as_one():
+    doses = (med_admin(1000.0, time=NEWEST_DOSE, id="d1"), med_admin(1250.0, time=NEWEST_DOSE, id="d2"))
+    hook = read_dose_aware(dose_aware_record(doses=doses))
+    assert hook.state["hours_since_dose"] == 4.0
+    assert hook.missing == [
+        f"{REGIMEN_WHAT['dose_mg']}: MedicationAdministration/d1 and MedicationAdministration/d2 start at the same time {NEWEST_DOSE}, "
+        "so the dose then is not one record",
+        f"{REGIMEN_WHAT['interval_h']}: the newest two, MedicationAdministration/d2 at {NEWEST_DOSE} and MedicationAdministration/d1 "
+        f"at {NEWEST_DOSE}, start 0 h apart, under an hour",
+    ]
+
+
+@pytest.mark.parametrize("code", ["29463-7", "3141-9"])
+def test_weight_in_kg_from_either_body_weight_code(code):
+    prefetch = dose_aware_record(weight=None)
+    prefetch["observations"]["entry"] += bundle([observation(code, 72.5, "kg", "kg", id="wt2")])["entry"]
+    hook = read_dose_aware(prefetch)
+    assert hook.state["weight_kg"] == 72.5
+    assert hook.sources["weight_kg"] == f"Observation/wt2 (LOINC {code})"
+
+
+def test_weight_in_pounds_is_a_unit_mismatch_not_converted():
+    hook = read_dose_aware(dose_aware_record(weight=(176.4, "lb", "[lb_av]")))
+    assert "weight_kg" not in hook.state
+    assert hook.unit_mismatch == ["weight_kg (LOINC 29463-7) Observation/wt1: unit [lb_av] where kg is expected"]
+    assert hook.missing == []
+    assert not hook.complete
+
+
+def test_no_weight_is_missing():
+    hook = read_dose_aware(dose_aware_record(weight=None))
+    assert hook.missing == ["weight_kg (LOINC 29463-7 or 3141-9): no Observation in the prefetch"]
+
+
+@pytest.mark.parametrize(
+    ("birth_date", "now", "age"),
+    [
+        ("1960-05-04", NOW, 63.0),
+        ("1960-05-04", datetime(2024, 5, 4, 0, 30, tzinfo=UTC), 64.0),  # the birthday itself
+        ("1960-05-04", datetime(2024, 5, 3, 23, 59, tzinfo=UTC), 63.0),
+        ("1960-01", NOW, 64.0),  # every day of January 1960 gives 64
+        ("2023-11-20", NOW, 0.0),
+    ],
+)
+def test_age_is_whole_years_from_the_birth_date(birth_date, now, age):
+    hook = read_dose_aware(dose_aware_record(birth_date=birth_date), now=now)
+    assert hook.state["age"] == age
+    assert hook.observed_at["age"] == now.isoformat(timespec="seconds")
+
+
+@pytest.mark.parametrize(
+    ("birth_date", "why"),
+    [
+        ("1959", f"Patient/pat-1 birthDate 1959 gives an age of 64 or 65 at {REFERENCE}, not one"),
+        ("2024-04", f"Patient/pat-1 birthDate 2024-04 is after the reference time {REFERENCE}"),
+        ("2024-03", f"Patient/pat-1 birthDate 2024-03 may be after the reference time {REFERENCE}"),
+        (None, "Patient/pat-1 has no birthDate"),
+    ],
+)
+def test_age_that_the_birth_date_does_not_fix_is_missing(birth_date, why):
+    hook = read_dose_aware(dose_aware_record(birth_date=birth_date))
+    assert "age" not in hook.state
+    assert hook.missing == [f"age (Patient birthDate): {why}"]
+
+
+def test_age_needs_the_open_patients_resource():
+    prefetch = dose_aware_record()
+    del prefetch["patient"]
+    assert read_dose_aware(prefetch).missing == ["age (Patient birthDate): no Patient resource of the patient in the prefetch"]
+    prefetch["patient"] = patient("1960-05-04", id="pat-2")
+    hook = read_dose_aware(prefetch)
+    assert hook.skipped == ["Patient/pat-2: not Patient/pat-1, whose chart is open"]
+    assert hook.missing == ["age (Patient birthDate): no Patient resource of the patient in the prefetch"]
+
+
+@pytest.mark.parametrize(
+    ("dialysis", "source", "time"),
+    [
+        (condition(id="c1"), "Condition/c1 (ICD-10-CM Z99.2, active)", "2023-11-02"),
+        (condition(DIALYSIS_SNOMED, SNOMED_SYSTEM, id="c2"), "Condition/c2 (SNOMED 105502003, active)", "2023-11-02"),
+        (condition(id="c3", verification=None, clinical_status="relapse"), "Condition/c3 (ICD-10-CM Z99.2, relapse)", "2023-11-02"),
+    ],
+)
+def test_active_dialysis_condition_gives_dialysis_1(dialysis, source, time):
+    hypertension = condition("I10", id="c-htn")
+    hook = read_dose_aware(dose_aware_record(conditions=(hypertension, dialysis)))
+    assert hook.state["dialysis"] == 1.0
+    assert (hook.sources["dialysis"], hook.observed_at["dialysis"]) == (source, time)
+    assert hook.skipped == []
+
+
+def test_empty_conditions_query_gives_dialysis_0_said_in_the_card():
+    hook = read_dose_aware(dose_aware_record(conditions=(condition("I10", id="c-htn"),)))
+    assert hook.state["dialysis"] == 0.0 and hook.skipped == []
+    hook = read_dose_aware(dose_aware_record(conditions=()))
+    assert hook.state["dialysis"] == 0.0
+    (card,) = cards(hook, RECOMMENDATION, "iql")["cards"]
+    assert "no active dialysis condition in the record" in card["detail"]
+
+
+@pytest.mark.parametrize(
+    ("dialysis", "skipped"),
+    [
+        (condition(id="c1", clinical_status="inactive"), "clinical status inactive, so not an active dialysis condition"),
+        (condition(id="c1", clinical_status="resolved"), "clinical status resolved, so not an active dialysis condition"),
+        (condition(id="c1", verification="refuted"), "verification status refuted, so not a condition of the patient"),
+        (condition(id="c1", patient="pat-2"), "its subject Patient/pat-2 is not Patient/pat-1"),
+    ],
+)
+def test_inactive_or_withdrawn_dialysis_condition_gives_dialysis_0(dialysis, skipped):
+    hook = read_dose_aware(dose_aware_record(conditions=(dialysis,)))
+    assert hook.state["dialysis"] == 0.0
+    assert hook.skipped == [f"Condition/c1 (ICD-10-CM Z99.2): {skipped}"]
+
+
+def test_without_the_conditions_query_dialysis_is_missing():
+    prefetch = dose_aware_record()
+    del prefetch["conditions"]
+    hook = read_dose_aware(prefetch)
+    assert "dialysis" not in hook.state
+    assert hook.missing == [f"{DIALYSIS_WHAT}: no 'conditions' prefetch, so the record's Conditions were not queried"]
+    prefetch["conditions"] = None
+    assert read_dose_aware(prefetch).missing == [f"{DIALYSIS_WHAT}: the client could not run the 'conditions' prefetch query"]
+    prefetch["conditions"] = bundle([condition(id="c1", clinical_status="inactive")]) | {
+        "link": [{"relation": "next", "url": "https://fhir.example.org/Condition?page=2"}]
+    }
+    assert read_dose_aware(prefetch).missing == [
+        f"{DIALYSIS_WHAT}: prefetch['conditions'] is the first page of a longer result (it has a next link), "
+        "so other Conditions may not be shown"
+    ]
+    prefetch["conditions"] = bundle(
+        [{"resourceType": "OperationOutcome", "id": "oo1", "issue": [{"severity": "error", "code": "timeout"}]}]
+    )
+    assert read_dose_aware(prefetch).missing == [f"{DIALYSIS_WHAT}: the FHIR server reported an error for the 'conditions' query: timeout"]
+
+
+def test_dialysis_condition_outside_the_conditions_query_still_counts():
+    prefetch = dose_aware_record()
+    del prefetch["conditions"]
+    prefetch["problems"] = condition(id="c1")
+    assert read_dose_aware(prefetch).state["dialysis"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("dialysis", "why"),
+    [
+        (condition(id="c1", verification="provisional"), "Condition/c1 (ICD-10-CM Z99.2) is active but provisional"),
+        (condition(id="c1", clinical_status=None), "Condition/c1 (ICD-10-CM Z99.2) has no clinical status, so it may or may not be active"),
+    ],
+)
+def test_uncertain_dialysis_condition_leaves_dialysis_missing(dialysis, why):
+    hook = read_dose_aware(dose_aware_record(conditions=(dialysis,)))
+    assert "dialysis" not in hook.state
+    assert hook.missing == [f"{DIALYSIS_WHAT}: {why}"]
+
+
+def test_reference_time_defaults_to_now_and_must_be_timezone_aware():
+    state = STATE | {"dose_mg": 1000.0, "interval_h": 8.0, "hours_since_dose": 6.5, "weight_kg": 70.0, "age": 58.0, "dialysis": 1.0}
+    prefetch = dose_aware_prefetch(state, datetime.now(UTC), conditions=[condition(id="c1")])
+    hook = read_prefetch(prefetch, DOSE_AWARE, PATIENT_ID)
+    assert hook.complete and hook.missing == [] and hook.skipped == []
+    assert hook.state == pytest.approx(state | {"hours_since_dose": hook.state["hours_since_dose"]})
+    assert hook.state["hours_since_dose"] == pytest.approx(6.5, abs=0.02)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        read_prefetch(prefetch, DOSE_AWARE, now=datetime(2024, 3, 1, 12))
+
+
 # --- discovery and the request body -----------------------------------------------------------------
 
 
@@ -352,7 +704,14 @@ def test_discovery_document_shape():
         for code in codes:
             assert f"http://loinc.org|{code}" in observations
     assert "http://loinc.org|85354-9" in observations
-    assert isinstance(service["usageRequirements"], str)
+    assert "http://loinc.org|29463-7" in observations and "http://loinc.org|3141-9" in observations  # body weight
+    assert service["prefetch"]["patient"] == "Patient/{{context.patientId}}"
+    assert service["prefetch"]["conditions"] == "Condition?patient={{context.patientId}}&clinical-status=active"
+    assert list(service["prefetch"]) == ["observations", "medications", "patient", "conditions"]
+    requirements = service["usageRequirements"]
+    for needed in ("Patient", "Conditions", "birthDate", "Z99.2", "105502003", "body weight kg", "mg or g"):
+        assert needed in requirements
+    assert "dialysis" in service["description"] and "body weight" in service["description"]
     assert discovery([]) == {"services": []}
 
 
@@ -439,7 +798,7 @@ def test_missing_features_give_one_warning_card_naming_them():
     hook = read_prefetch(prefetch_with(fever, state=without("temperature", without("creatinine"))), FEATURES)
     (card,) = cards(hook, RECOMMENDATION, "iql")["cards"]  # a recommendation passed by mistake is not shown
     assert card["indicator"] == "warning"
-    assert card["summary"] == "Vancomycin recommendation not available: 1 observation missing, 1 in an unexpected unit"
+    assert card["summary"] == "Vancomycin recommendation not available: 1 value missing, 1 in an unexpected unit"
     assert "- creatinine (LOINC 2160-0): no Observation in the prefetch" in card["detail"]
     assert "- temperature (LOINC 8310-5) Observation/abc: unit \\[degF\\] where Cel is expected" in card["detail"]
     assert "Suggested change" not in card["detail"]
@@ -448,7 +807,7 @@ def test_missing_features_give_one_warning_card_naming_them():
 def test_two_missing_observations_summary():
     hook = read_prefetch(full_prefetch(without("creatinine", without("bun"))), FEATURES)
     (card,) = cards(hook, None, "iql")["cards"]
-    assert card["summary"] == "Vancomycin recommendation not available: 2 observations missing"
+    assert card["summary"] == "Vancomycin recommendation not available: 2 values missing"
     assert "bun (LOINC 3094-0)" in card["detail"] and "creatinine (LOINC 2160-0)" in card["detail"]
     assert "| heart_rate | 88 | bpm |" in card["detail"]  # what was found is still shown
 

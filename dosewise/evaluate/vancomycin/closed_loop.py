@@ -7,7 +7,7 @@ from their decisions; intervals resample patients, and the difference is a paire
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,13 +84,18 @@ def evaluate_vancomycin(
     n_patients: int = 1000,
     seed: int = 1000,
     config: VancomycinConfig = VancomycinConfig(),
+    features: Sequence[str] | None = None,
 ) -> dict:
-    """Run ``policy`` and the simulated clinician on ``n_patients`` new patients drawn from ``seed``."""
+    """Run ``policy`` and the simulated clinician on ``n_patients`` new patients drawn from ``seed``.
+
+    ``policy`` sees the simulator's columns ``features`` by name; by default those it declares (a
+    trained model's ``feature_names``: the 7 charted ones, or those and the dose-aware ones) or else
+    the 7 charted ones, which the clinician reads too."""
     seeds = np.random.SeedSequence(seed).spawn(3)
     cohort = sample_cohort(n_patients, np.random.default_rng(seeds[0]), config)
     sim_seed = int(seeds[1].generate_state(1)[0])
     clinician = VancomycinClinician(cohort, int(seeds[2].generate_state(1)[0]))
-    learned = PatientOutcomes.from_trajectories(rollout(cohort, policy, sim_seed, config))
+    learned = PatientOutcomes.from_trajectories(rollout(cohort, policy, sim_seed, config, features))
     reference = PatientOutcomes.from_trajectories(rollout(cohort, clinician, sim_seed, config))
     indices = bootstrap_indices(n_patients, N_BOOTSTRAP, seed)
     return {

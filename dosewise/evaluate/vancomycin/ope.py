@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -439,9 +439,12 @@ def evaluate_ope(
 # -- ground truth on the simulator --------------------------------------------------------------
 
 
-def vancomycin_true_value(policy: Policy, gamma: float, n_patients: int = 2000, seed: int = 1000) -> dict:
+def vancomycin_true_value(
+    policy: Policy, gamma: float, n_patients: int = 2000, seed: int = 1000, features: Sequence[str] | None = None
+) -> dict:
     """The value OPE estimates, measured: mean discounted return from the start of the course of
-    ``policy`` on ``n_patients`` fresh simulated patients (padding masked), with a 95 % interval."""
+    ``policy`` on ``n_patients`` fresh simulated patients (padding masked), with a 95 % interval.
+    ``policy`` sees the simulator's columns ``features`` by name (default: as `rollout` chooses)."""
     from dosewise.sim.vancomycin import (  # the simulator is only needed here
         rollout,
         sample_cohort,
@@ -449,7 +452,7 @@ def vancomycin_true_value(policy: Policy, gamma: float, n_patients: int = 2000, 
 
     seeds = np.random.SeedSequence(seed).spawn(2)
     cohort = sample_cohort(n_patients, np.random.default_rng(seeds[0]))
-    traj = rollout(cohort, policy, int(seeds[1].generate_state(1)[0]))
+    traj = rollout(cohort, policy, int(seeds[1].generate_state(1)[0]), features=features)
     disc = gamma ** np.arange(traj.rewards.shape[0])[:, None]
     returns = (traj.rewards * traj.mask * disc).sum(axis=0)  # [N]
     return bootstrap_ci(lambda i: returns[i].mean(-1), bootstrap_indices(n_patients, N_BOOTSTRAP, seed), returns.mean())

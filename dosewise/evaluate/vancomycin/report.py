@@ -156,7 +156,10 @@ def plot_policy_vs_clinician(model: TrainedIQL, data: Transitions, out_dir: Path
 def plot_trajectories(model: TrainedIQL, out_dir: Path, seed: int) -> Figure:
     cohort = sample_cohort(TRAJECTORY_PATIENTS, np.random.default_rng(seed))
     clinician = VancomycinClinician(cohort, seed + 1)
-    runs = {"policy": rollout(cohort, model.policy_action, seed + 2), "clinician": rollout(cohort, clinician, seed + 2)}
+    runs = {
+        "policy": rollout(cohort, model.policy_action, seed + 2, features=model.feature_names),
+        "clinician": rollout(cohort, clinician, seed + 2),
+    }
     fig, axes = plt.subplots(3, TRAJECTORY_PATIENTS, figsize=(13, 7), sharex="col")
     rows = (
         ("concentration", "level (mg/L)", (10, 20)),
@@ -230,8 +233,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, evaluat
     model = TrainedIQL.load(run_dir)
     if not model.run_config.data_path:
         raise DataError(f"{run_dir}: the run does not record its training data")
-    frame, _ = load_table(model.run_config.data_path, model.run_config.data)
-    data = build_transitions(frame, model.run_config.data)
+    frame, _ = load_table(model.run_config.data_path, model.data_config)
+    data = build_transitions(frame, model.data_config)
     curves = training_curves(run_dir)
     eval_path = Path(evaluation) if evaluation else None
     if eval_path is None:

@@ -7,7 +7,7 @@ from dosewise.evaluate.vancomycin.closed_loop import (
     evaluate_vancomycin,
     summarize,
 )
-from dosewise.sim.vancomycin import Trajectories
+from dosewise.sim.vancomycin import OBSERVATION_NAMES, Trajectories
 
 
 def _trajectories(daily_aucs, steps, rewards=None, aki=None):
@@ -77,3 +77,38 @@ def test_evaluation_is_reproducible_and_depends_on_the_seed():
     a = evaluate_vancomycin(policy, n_patients=60, seed=1)
     assert a == evaluate_vancomycin(policy, n_patients=60, seed=1)
     assert a != evaluate_vancomycin(policy, n_patients=60, seed=2)
+
+
+class _DoseAwareController:
+    """A policy that declares the 13-feature state, as a trained dose-aware model does."""
+
+    feature_names = OBSERVATION_NAMES
+
+    def __init__(self):
+        self.widths: set[int] = set()
+
+    def policy_action(self, obs):
+        self.widths.add(obs.shape[1])
+        return _proportional(0.03, 14.0)(obs)  # the level is column 0 here too
+
+
+def test_a_13_feature_policy_gets_its_13_columns_and_the_clinician_its_7():
+    controller = _DoseAwareController()
+    dose_aware = evaluate_vancomycin(controller.policy_action, n_patients=80, seed=5)
+    assert controller.widths == {13}
+    charted = evaluate_vancomycin(_proportional(0.03, 14.0), n_patients=80, seed=5)
+    assert dose_aware == charted  # the same decisions from the same level column, the same clinician
+
+
+def test_the_columns_can_be_named_explicitly():
+    seen = []
+
+    def by_dose(obs):
+        seen.append(obs)
+        return np.where(obs[:, 0] > 2000.0, -0.5, 0.2)
+
+    result = evaluate_vancomycin(by_dose, n_patients=40, seed=2, features=("dose_mg", "hours_since_dose"))
+    assert {o.shape[1] for o in seen} == {2} and set(np.unique(seen[0][:, 1])) == {4.0}
+    assert result["clinician"] == evaluate_vancomycin(by_dose, n_patients=40, seed=2, features=("dose_mg", "age"))["clinician"]
+    with pytest.raises(ValueError, match="no feature 'dose'"):
+        evaluate_vancomycin(by_dose, n_patients=10, seed=2, features=("dose",))
