@@ -90,7 +90,7 @@ class IQLEvaluation:
     off-policy estimates next to the simulator's true value; an ensemble also member by member."""
 
     offline: dict[str, Any]  # num_transitions, q_stats, v_stats, greedy_q, behaviour_q, mc_return ...
-    closed_loop: dict[str, Any]  # learned / clinician / difference, mean and 95 % CI
+    closed_loop: dict[str, Any]  # learned / clinician / difference, mean and 95 % CI; bayesian / bayesian_free beside them
     ope: dict[str, Any] | None = None
     ensemble: dict[str, Any] | None = None
 
@@ -206,11 +206,14 @@ def evaluate_iql(
     *,
     per_member: bool = True,
     ope: bool = False,
+    bayesian: bool = True,
 ) -> IQLEvaluation:
     """Offline statistics on the training data (default: the file the run records), the learned
     policy (an ensemble: the members' mean) against the clinician on `patients` held-out simulated
-    patients, optionally OPE, and with `per_member` every member of an ensemble on the same patients."""
-    from dosewise.evaluate.vancomycin.closed_loop import evaluate_vancomycin
+    patients, optionally OPE, and with `per_member` every member of an ensemble on the same patients.
+    With `bayesian` the closed loop also holds MAP-Bayesian dosing on the same patients
+    (`closed_loop["bayesian"]` through the learned policy's action space, `["bayesian_free"]` setting the regimen freely)."""
+    from dosewise.evaluate.vancomycin.closed_loop import bayesian_baselines, evaluate_vancomycin
     from dosewise.evaluate.vancomycin.offline import offline_statistics
 
     model = TrainedIQL.load(run_dir)
@@ -221,7 +224,8 @@ def evaluate_iql(
     transitions = build_transitions(frame, model.data_config)
     offline = offline_statistics(model, transitions)
     features = model.feature_names
-    closed_loop = evaluate_vancomycin(model.policy_action, patients, seed, features=features)
+    baselines = bayesian_baselines() if bayesian else None
+    closed_loop = evaluate_vancomycin(model.policy_action, patients, seed, features=features, baselines=baselines)
     estimates = None
     if ope:
         from dosewise.evaluate.vancomycin.ope import evaluate_ope, vancomycin_true_value

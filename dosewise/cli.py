@@ -356,13 +356,17 @@ def closed_loop_table(result: dict) -> Table:
         ("AKI (% of patients)", "aki_rate", True),
         ("return per patient", "mean_return", False),
     )
-    sides = (("learned", "learned policy"), ("clinician", "clinician"), ("difference", "difference"))
-    cells = [[_fmt(result[side][key], percent, signed=side == "difference") for _, key, percent in outcomes] for side, _ in sides]
-    table.add_column("policy", min_width=max(len(label) for _, label in sides))
+    sides = [("learned", "learned policy"), ("clinician", "clinician"), ("difference", "difference")]
+    rows = [(result[side], label, side == "difference") for side, label in sides]
+    # Baselines on the same patients (`evaluate_vancomycin(baselines=...)`): their outcomes, then minus the clinician.
+    for baseline in (value for value in result.values() if isinstance(value, dict) and "outcomes" in value):
+        rows += [(baseline["outcomes"], baseline["label"], False), (baseline["difference"], f"{baseline['label']} - clinician", True)]
+    cells = [[_fmt(values[key], percent, signed=signed) for _, key, percent in outcomes] for values, _, signed in rows]
+    table.add_column("policy", min_width=max(len(label) for _, label, _ in rows))
     for j, (label, _, _) in enumerate(outcomes):
         table.add_column(label, min_width=max(len(row[j]) for row in cells))  # headers wrap, numbers never
-    for (side, label), row in zip(sides, cells, strict=True):
-        table.add_row(label, *row, style="bold" if side == "difference" else None)
+    for (_, label, signed), row in zip(rows, cells, strict=True):
+        table.add_row(label, *row, style="bold" if signed else None)
     return table
 
 

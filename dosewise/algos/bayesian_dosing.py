@@ -281,7 +281,9 @@ def _newton(posterior: _Posterior, eta: torch.Tensor, pk: GotiPK, iterations: in
     return eta, value, grad, hess
 
 
-def map_estimate(records: Sequence[DosingRecord], pk: GotiPK = GotiPK(), iterations: int = 40) -> PKEstimate:
+def map_estimate(
+    records: Sequence[DosingRecord], pk: GotiPK = GotiPK(), iterations: int = 40, initial_eta: np.ndarray | None = None
+) -> PKEstimate:
     """MAP estimates of every patient's CL, Vc, Vp from their levels, all patients at once.
 
     A few levels can fit two ways (e.g. a small Vc with a high CL, or a large Vc with the typical CL), so the
@@ -289,12 +291,20 @@ def map_estimate(records: Sequence[DosingRecord], pk: GotiPK = GotiPK(), iterati
     between-patient SDs) and each patient keeps its lowest minimum; ``iterations`` caps the Newton steps per
     start (a fit typically needs 5-15). Without levels the estimate is the prior. Levels that are NaN count as
     not measured. Deterministic; a patient's result does not depend on the other patients in the batch.
+
+    ``initial_eta`` [N, 3] is a warm start (e.g. each patient's fit from a few levels earlier): Newton then
+    runs once per patient from it instead of from every start point, about five times less work, at the
+    price of staying in that mode. Patients without levels still get the prior.
     """
     if len(records) == 0:
         raise ValueError("map_estimate: expected at least one DosingRecord")
     if iterations < 0:
         raise ValueError(f"map_estimate: iterations must be >= 0, got {iterations}")
     n = len(records)
+    if initial_eta is not None:
+        initial_eta = np.asarray(initial_eta, dtype=np.float64)
+        if initial_eta.shape != (n, 3) or not np.isfinite(initial_eta).all():
+            raise ValueError(f"map_estimate: initial_eta must be finite with shape ({n}, 3), got shape {initial_eta.shape}")
     prior = population_estimate(records, pk)
     measured = [np.isfinite(r.level_mg_l) for r in records]
     levels = _pad([r.level_mg_l[m] for r, m in zip(records, measured)], 0.0)
@@ -312,8 +322,12 @@ def map_estimate(records: Sequence[DosingRecord], pk: GotiPK = GotiPK(), iterati
     # Patients without levels stay at eta = 0 from the first start; only the others need the other starts.
     fitted = torch.nonzero(present.sum(dim=1) > 0)[:, 0]
     starts = torch.from_numpy(START_POINTS * omegas(pk))
+    if initial_eta is not None:
+        starts = starts[:1]
     rows = torch.cat([torch.arange(n)] + [fitted] * (len(starts) - 1))
     eta0 = torch.cat([torch.zeros((n, 3), dtype=torch.float64)] + [start.expand(len(fitted), 3) for start in starts[1:]])
+    if initial_eta is not None:
+        eta0[fitted] = torch.from_numpy(initial_eta)[fitted]
     eta_all, value_all, grad_all, hess_all = _newton(posterior.select(rows), eta0, pk, iterations)
     # Each patient keeps its lowest minimum; a later start must beat the earlier ones by more than rounding.
     index = torch.zeros((len(starts), n), dtype=torch.long)

@@ -392,6 +392,16 @@ class VancomycinSimulator:
         return self.auc_hourly.sum(axis=1) * (24.0 / max(hours, 1))
 
     # -- dynamics --------------------------------------------------------------------------
+    def set_dose(self, dose_mg: np.ndarray) -> None:
+        """Write the regimen directly (mg per administration, clipped to the regimen's limits), bypassing
+        the +-max_change step rule: for a policy that sets the maintenance dose freely. Follow it with
+        ``step(0)``, which keeps the written dose exactly."""
+        reg = self.config.regimen
+        dose = np.asarray(dose_mg, dtype=float).reshape(-1)
+        if dose.shape != self.dose.shape or not np.isfinite(dose).all():
+            raise ValueError(f"set_dose: expected {self.dose.shape[0]} finite doses in mg, got {dose}")
+        self.dose = np.clip(dose, reg.min_dose_mg, reg.max_dose_mg)
+
     def step(self, action: np.ndarray) -> tuple[np.ndarray, StepInfo]:
         """Apply relative dose changes ``action`` in [-1, 1] and advance 4 h."""
         cfg = self.config
@@ -510,7 +520,39 @@ NORMAL_VALUES = np.array([15.0, 1.0, 8.0, 15.0, 37.0, 120.0, 80.0])
 
 # A policy maps observations [N, D] to relative dose changes [N] in [-1, 1]: by default the 7
 # LOCF-filled charted features; `rollout(features=...)` picks any columns of OBSERVATION_NAMES.
+# Two opt-in attributes change how `rollout` calls it (see `rollout`): ``needs_record = True``
+# -> ``policy(obs, record)`` with a `ChartRecord`; ``returns_dose_mg = True`` -> it returns the
+# next maintenance dose in mg [N] instead of an action.
 Policy = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ChartRecord:
+    """What the ward knows at one decision, for a policy that replays the dosing record through a PK model.
+
+    Only what a pharmacist can see: the administrations given, the charted values as charted (the
+    level of row s was drawn at ``observation_hours[s]``; a reading at the LLOQ means "below it"), the
+    regimen in force and the covariates. No hidden truth (PK parameters, AUC, AKI state).
+    """
+
+    administrations: tuple[np.ndarray, ...]  # per patient [k, 3] (start hour, mg, infusion h), all started before `hour`
+    observation_hours: np.ndarray  # [t + 1] simulator hour of every row so far; the last is the decision's
+    charted: np.ndarray  # [t + 1, N, 7] FEATURES as charted (not filled), NaN where not charted
+    dose_mg: np.ndarray  # [N] regimen in force before this decision
+    interval_h: np.ndarray  # [N] dosing interval, h
+    age: np.ndarray  # [N] years
+    sex: np.ndarray  # [N] 1 male, 0 female
+    weight_kg: np.ndarray  # [N]
+    dialysis: np.ndarray  # [N] 1 on dialysis
+
+    @property
+    def hour(self) -> int:
+        """Simulator hour of the decision (the first dose started at hour 0)."""
+        return int(self.observation_hours[-1])
+
+    @property
+    def n(self) -> int:
+        return int(self.dose_mg.shape[0])
 
 
 @dataclass(frozen=True)
@@ -558,6 +600,11 @@ def policy_features(policy: Policy) -> tuple[str, ...]:
     return FEATURES
 
 
+def _declares(policy: Policy, flag: str) -> bool:
+    """Whether a policy (or, for a bound method, its object) sets the opt-in attribute ``flag`` to True."""
+    return any(getattr(owner, flag, False) is True for owner in (policy, getattr(policy, "__self__", None)))
+
+
 def feature_columns(features: Sequence[str]) -> np.ndarray:
     """Column indices of ``features`` in OBSERVATION_NAMES; an unknown name is a ValueError listing the known ones."""
     unknown = [name for name in features if name not in OBSERVATION_NAMES]
@@ -575,8 +622,17 @@ def rollout(
 ) -> Trajectories:
     """Run ``policy`` on every patient for its episode length. The policy sees the columns ``features``
     (names of OBSERVATION_NAMES, in that order; default `policy_features`): charted ones LOCF-filled,
-    dose-aware ones exact."""
+    dose-aware ones exact.
+
+    A policy that declares ``needs_record = True`` is called ``policy(obs, record)`` with the `ChartRecord`
+    of the decision (every administration and charted value so far, the regimen and the covariates).
+    One that declares ``returns_dose_mg = True`` returns the next maintenance dose in mg, which the
+    simulator writes directly (`VancomycinSimulator.set_dose`, clipped to the regimen's limits) instead
+    of moving the dose by at most +-max_change; its ``actions`` are then the implied relative changes
+    ``(new / old - 1) / max_change``, which may lie outside [-1, 1]. Other policies are called as before.
+    """
     columns = feature_columns(policy_features(policy) if features is None else features)
+    wants_record, sets_dose = _declares(policy, "needs_record"), _declares(policy, "returns_dose_mg")
     sim = VancomycinSimulator(cohort, seed, config)
     raw = sim.reset()
     filled = fill_forward(raw, np.broadcast_to(NORMAL_VALUES, raw.shape))
@@ -597,11 +653,18 @@ def rollout(
     for _ in range(horizon):
         dose_state = sim.dose_state()
         seen = np.concatenate([filled, dose_state], axis=1)[:, columns]
-        action = np.clip(np.asarray(policy(seen), dtype=float).reshape(-1), -1.0, 1.0)
+        decision = policy(seen, _chart_record(sim, out["observations"] + [raw])) if wants_record else policy(seen)
+        if sets_dose:
+            before = sim.dose.copy()
+            sim.set_dose(decision)
+            action = (sim.dose / before - 1.0) / config.regimen.max_change
+            step_action = np.zeros(cohort.n)  # keeps the dose just written
+        else:
+            action = step_action = np.clip(np.asarray(decision, dtype=float).reshape(-1), -1.0, 1.0)
         out["observations"].append(raw)
         out["dose_state"].append(dose_state)
         out["actions"].append(action)
-        raw, info = sim.step(action)
+        raw, info = sim.step(step_action)
         filled = fill_forward(raw, filled)
         out["rewards"].append(info.reward)
         out["auc24"].append(info.auc24)
@@ -613,3 +676,19 @@ def rollout(
     course_end = DECISION_HOURS * (cohort.steps + 1)  # end of each patient's last step
     administrations = tuple(record[record[:, 0] < end] for record, end in zip(sim.administrations(), course_end))
     return Trajectories(**{k: np.stack(v) for k, v in out.items()}, steps=cohort.steps.copy(), administrations=administrations)
+
+
+def _chart_record(sim: VancomycinSimulator, charted: list[np.ndarray]) -> ChartRecord:
+    """The `ChartRecord` at the simulator's current decision; ``charted`` holds the raw rows so far."""
+    c = sim.cohort
+    return ChartRecord(
+        administrations=tuple(sim.administrations()),
+        observation_hours=(np.arange(len(charted)) + 1.0) * DECISION_HOURS,
+        charted=np.stack(charted),
+        dose_mg=sim.dose.copy(),
+        interval_h=c.interval_h.astype(np.float64),
+        age=c.age.copy(),
+        sex=c.sex.copy(),
+        weight_kg=c.weight.copy(),
+        dialysis=c.dialysis.copy(),
+    )

@@ -7,7 +7,7 @@ from their decisions; intervals resample patients, and the difference is a paire
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,18 +79,30 @@ def compare(learned: PatientOutcomes, reference: PatientOutcomes, indices: np.nd
     }
 
 
+def bayesian_baselines(config: VancomycinConfig = VancomycinConfig()) -> dict[str, Policy]:
+    """Model-informed dosing to set beside a learned policy: through the same action space, and setting the regimen freely."""
+    from dosewise.algos.bayesian_policy import BayesianDosingPolicy
+
+    return {"bayesian": BayesianDosingPolicy(config=config), "bayesian_free": BayesianDosingPolicy(free_regimen=True, config=config)}
+
+
 def evaluate_vancomycin(
     policy: Policy,
     n_patients: int = 1000,
     seed: int = 1000,
     config: VancomycinConfig = VancomycinConfig(),
     features: Sequence[str] | None = None,
+    baselines: Mapping[str, Policy] | None = None,
 ) -> dict:
     """Run ``policy`` and the simulated clinician on ``n_patients`` new patients drawn from ``seed``.
 
     ``policy`` sees the simulator's columns ``features`` by name; by default those it declares (a
     trained model's ``feature_names``: the 7 charted ones, or those and the dose-aware ones) or else
-    the 7 charted ones, which the clinician reads too."""
+    the 7 charted ones, which the clinician reads too.
+
+    Each of ``baselines`` (e.g. `bayesian_baselines`) treats the same patients with the same random draws
+    and adds ``result[name] = {label, outcomes, difference, difference_vs_learned}``: its outcomes, the
+    paired difference baseline - clinician and baseline - learned policy. Without them the result is as before."""
     seeds = np.random.SeedSequence(seed).spawn(3)
     cohort = sample_cohort(n_patients, np.random.default_rng(seeds[0]), config)
     sim_seed = int(seeds[1].generate_state(1)[0])
@@ -98,7 +110,7 @@ def evaluate_vancomycin(
     learned = PatientOutcomes.from_trajectories(rollout(cohort, policy, sim_seed, config, features))
     reference = PatientOutcomes.from_trajectories(rollout(cohort, clinician, sim_seed, config))
     indices = bootstrap_indices(n_patients, N_BOOTSTRAP, seed)
-    return {
+    result = {
         "patients": n_patients,
         "seed": seed,
         "patient_days": int(learned.days.sum()),
@@ -106,3 +118,14 @@ def evaluate_vancomycin(
         "clinician": summarize(reference, indices),
         "difference": compare(learned, reference, indices),
     }
+    for name, baseline in (baselines or {}).items():
+        if name in result:
+            raise ValueError(f"evaluate_vancomycin: baseline name {name!r} clashes with a key of the result")
+        outcomes = PatientOutcomes.from_trajectories(rollout(cohort, baseline, sim_seed, config))
+        result[name] = {
+            "label": str(getattr(baseline, "label", name)),
+            "outcomes": summarize(outcomes, indices),
+            "difference": compare(outcomes, reference, indices),
+            "difference_vs_learned": compare(outcomes, learned, indices),
+        }
+    return result
