@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from dosewise.checkpoint import CheckpointError, write_figure_atomic, write_text_atomic
+from dosewise.checkpoint import CheckpointError, write_text_atomic
 from dosewise.evaluate.anesthesia.closed_loop import case_metrics
 from dosewise.evaluate.anesthesia.diagnosis import (
     HELD_OUT_SEED,
@@ -36,6 +36,7 @@ from dosewise.evaluate.anesthesia.diagnosis import (
     counterfactual_changes,
     horizon_predictions,
 )
+from dosewise.evaluate.figures import save_png
 from dosewise.planner.config import PlannerRunConfig
 from dosewise.planner.model import PlannerModel
 from dosewise.planner.policy import planning_modes
@@ -57,14 +58,6 @@ class Figure:
     title: str
     caption: str  # one line: how to read it
     legend: tuple[str, ...] = ()  # the labels the figure's legend shows
-
-
-def _save(fig, out_dir: Path, name: str) -> Path:
-    path = out_dir / f"{name}.png"
-    fig.tight_layout()
-    write_figure_atomic(fig, path)
-    plt.close(fig)
-    return path
 
 
 def _legend_labels(fig) -> tuple[str, ...]:
@@ -128,7 +121,7 @@ def plot_courses(courses: Courses, out_dir: Path) -> Figure:
             rftn_ax.set_ylabel("remifentanil 20 µg/mL (mL/h)")
     axes[0, 0].legend(fontsize=8, loc="upper right")
     legend = _legend_labels(fig)
-    _save(fig, out_dir, "cases")
+    save_png(fig, out_dir, "cases")
     return Figure(
         "cases",
         f"{panels} held-out simulated cases under both policies",
@@ -166,7 +159,7 @@ def plot_horizon(predictions: dict[str, np.ndarray], summary: dict, out_dir: Pat
         ax.set_xlabel(f"true BIS {j + 1} min ahead (simulator)")
         ax.set_ylabel("predicted BIS (model)")
         ax.set_title(f"k = {j + 1}: MAE {np.abs(pred[:, j] - noise_free[:, j]).mean():.1f} over {len(pred)} states", fontsize=9)
-    _save(fig, out_dir, "bis_prediction")
+    save_png(fig, out_dir, "bis_prediction")
     return Figure(
         "bis_prediction",
         "Predicted vs true BIS over the model's horizon",
@@ -205,7 +198,7 @@ def plot_dose_response(changes: dict[str, dict[str, np.ndarray]], out_dir: Path)
         f"direction right in {100 * accuracy['sign_agreement']:.0f} % of {accuracy['sign_counted']} changes of 1 point or more", fontsize=9
     )
     scatter.legend(fontsize=7)
-    _save(fig, out_dir, "dose_response")
+    save_png(fig, out_dir, "dose_response")
     return Figure(
         "dose_response",
         "Counterfactual dose response: propofol changed, remifentanil kept",
@@ -285,7 +278,7 @@ def plot_training(summary: dict, losses: pd.DataFrame, out_dir: Path) -> Figure:
         act_ax.set_yticks([])
     act_ax.set_title("MCTS activation", fontsize=10)
     legend = _legend_labels(fig)
-    _save(fig, out_dir, "training")
+    save_png(fig, out_dir, "training")
     return Figure(
         "training",
         f"Training curves ({len(history)} epochs, strategy {summary.get('strategy', '?')})",

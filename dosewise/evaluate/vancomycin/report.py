@@ -19,9 +19,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from dosewise.algos.trained import TrainedIQL
-from dosewise.checkpoint import CheckpointError, write_figure_atomic, write_text_atomic
+from dosewise.checkpoint import CheckpointError, write_text_atomic
 from dosewise.data.loading import DataError, load_table
 from dosewise.data.transitions import Transitions, build_transitions
+from dosewise.evaluate.figures import save_png
 from dosewise.sim.vancomycin import DECISION_HOURS, rollout, sample_cohort
 from dosewise.sim.vancomycin_clinician import VancomycinClinician
 
@@ -50,14 +51,6 @@ def training_curves(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
 
 
-def _save(fig, out_dir: Path, name: str) -> Path:
-    path = out_dir / f"{name}.png"
-    fig.tight_layout()
-    write_figure_atomic(fig, path)
-    plt.close(fig)
-    return path
-
-
 def plot_training(curves: dict, out_dir: Path) -> Figure:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, tag in zip(axes, ("loss/q", "loss/v", "loss/pi"), strict=True):
@@ -65,7 +58,7 @@ def plot_training(curves: dict, out_dir: Path) -> Figure:
             ax.plot(*curves[tag])
         ax.set_title(tag)
         ax.set_xlabel("gradient step")
-    _save(fig, out_dir, "training_curves")
+    save_png(fig, out_dir, "training_curves")
     return Figure(
         "training_curves",
         "Training curves",
@@ -81,7 +74,7 @@ def plot_q_v(model: TrainedIQL, data: Transitions, out_dir: Path) -> Figure:
     ax.hist(v, bins=40, alpha=0.6, label="V(s)")
     ax.set_xlabel("value (discounted reward)")
     ax.legend()
-    _save(fig, out_dir, "q_v_distributions")
+    save_png(fig, out_dir, "q_v_distributions")
     return Figure(
         "q_v_distributions",
         "Q and V over the training data",
@@ -101,7 +94,7 @@ def plot_q_curves(model: TrainedIQL, data: Transitions, out_dir: Path) -> Figure
     ax.set_xlabel("action (relative dose change)")
     ax.set_ylabel("Q(s, a)")
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, out_dir, "q_curves")
+    save_png(fig, out_dir, "q_curves")
     return Figure(
         "q_curves",
         f"Q-curves of {len(starts)} patients at their first decision",
@@ -124,7 +117,7 @@ def plot_sensitivity(model: TrainedIQL, data: Transitions, out_dir: Path) -> Fig
         ax.set_title(name, fontsize=9)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    _save(fig, out_dir, "sensitivity")
+    save_png(fig, out_dir, "sensitivity")
     return Figure(
         "sensitivity",
         "Sensitivity of the recommended dose change to each feature",
@@ -145,7 +138,7 @@ def plot_policy_vs_clinician(model: TrainedIQL, data: Transitions, out_dir: Path
     right.hist(policy, bins=bins, alpha=0.6, label="policy")
     right.set_xlabel("action")
     right.legend()
-    _save(fig, out_dir, "policy_vs_clinician")
+    save_png(fig, out_dir, "policy_vs_clinician")
     return Figure(
         "policy_vs_clinician",
         "Policy vs clinician on the training states",
@@ -180,7 +173,7 @@ def plot_trajectories(model: TrainedIQL, out_dir: Path, seed: int) -> Figure:
                 ax.set_xlabel("hours")
         axes[0, i].set_title(f"held-out patient {i + 1}")
     axes[0, 0].legend(fontsize=8)
-    _save(fig, out_dir, "trajectories")
+    save_png(fig, out_dir, "trajectories")
     return Figure(
         "trajectories",
         "Courses of held-out simulated patients under both policies",
