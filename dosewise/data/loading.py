@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dosewise.data.schema import BINARY_FEATURES, LINE_COLUMN, DataConfig
+from dosewise.data.schema import BINARY_FEATURES, LINE_COLUMN, RECORD_COLUMNS, DataConfig
 
 ACCEPTED_SUFFIXES = (".csv", ".parquet")
 
@@ -100,6 +100,12 @@ def load_table(path: str | Path, config: DataConfig) -> tuple[pd.DataFrame, Data
     if has_reward_column:
         numeric_columns.append(config.reward)
     numbers, missing = _parse_numbers(raw, config, numeric_columns)
+    carried = [name for name in RECORD_COLUMNS if name in raw.frame.columns and name not in numeric_columns]
+    record_numbers, record_missing = _parse_numbers(raw, config, carried)
+    if "sex" in carried:
+        sex, unknown = record_numbers["sex"], record_missing["sex"]
+        odd = np.flatnonzero(~unknown & (sex != 0.0) & (sex != 1.0))
+        _refuse_rows(raw, config, "sex", odd, "; expected 1 (male) or 0 (female)", "have other values")
     patient_ids = raw.frame[config.patient_id]
     missing = {config.patient_id: patient_ids.isna().to_numpy(), **missing}
 
@@ -122,6 +128,7 @@ def load_table(path: str | Path, config: DataConfig) -> tuple[pd.DataFrame, Data
             config.patient_id: patient_ids[keep].astype(str).to_numpy(),
             **{name: numbers[name][keep] for name in (config.time, *state, config.action)},
             config.reward: reward[keep],
+            **{name: record_numbers[name][keep] for name in carried},
             LINE_COLUMN: raw.positions[keep],
         }
     )

@@ -28,6 +28,12 @@ DOSE_FEATURES: tuple[str, ...] = (
     "age",
     "dialysis",  # 1 on dialysis, 0 not
 )
+# Columns that are not part of the state but rebuild a patient's dosing record for model-informed
+# dosing (`dosewise.algos.dosing_history`): carried through the loader when present, missing cells allowed.
+RECORD_COLUMNS: tuple[str, ...] = (
+    "sex",  # 1 male, 0 female: the creatinine clearance estimate needs it
+    "loading_dose_mg",  # amount of the course's first administration, mg (the same on every row of a patient)
+)
 # Features that are flags: any value other than 0 or 1 is an error in the data.
 BINARY_FEATURES: frozenset[str] = frozenset({"dialysis"})
 

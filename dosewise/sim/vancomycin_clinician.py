@@ -95,7 +95,8 @@ def simulate_dataset(
     Columns: patient_id, time (h), the 7 charted features (NaN where not charted), the dose-aware
     columns of DOSE_FEATURES (exact, never missing; ``dose_mg`` is the regimen before the row's
     action, so the next row's is ``clip(dose_mg * (1 + 0.5 * action))``), sex (1 male, 0 female:
-    not part of the state, but Cockcroft-Gault needs it), action, reward.
+    not part of the state, but Cockcroft-Gault needs it), loading_dose_mg (the first administration, for
+    rebuilding the dosing record), action, reward.
 
     Row time t is simulator hour t + 4: the first (loading) dose started 4 h before the first row,
     so a row's last administration started ``hours_since_dose`` hours before its time.
@@ -116,6 +117,7 @@ def simulate_dataset(
     for j, name in enumerate(DOSE_FEATURES):
         frame[name] = dose_state[:, j] if name in _CONTINUOUS else dose_state[:, j].astype(np.int64)
     frame["sex"] = cohort.sex[p_idx].astype(np.int64)
+    frame["loading_dose_mg"] = cohort.loading_mg[p_idx].astype(np.float64)
     frame["action"] = np.round(traj.actions[t_idx, p_idx], 3)
     frame["reward"] = np.round(traj.rewards[t_idx, p_idx], 4)
     return frame

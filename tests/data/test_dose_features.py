@@ -35,7 +35,7 @@ def files(tmp_path_factory) -> tuple[Path, Path]:
     frame = simulate_dataset(24, seed=2)
     dose_aware, seed_format = root / "dose.csv", root / "seed.csv"
     frame.to_csv(dose_aware, index=False)
-    frame.drop(columns=[*DOSE_FEATURES, "sex"]).to_csv(seed_format, index=False)
+    frame.drop(columns=[*DOSE_FEATURES, "sex", "loading_dose_mg"]).to_csv(seed_format, index=False)
     return dose_aware, seed_format
 
 

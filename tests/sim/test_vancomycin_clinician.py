@@ -11,7 +11,7 @@ import pytest
 from dosewise.sim.vancomycin import DOSE_FEATURES, FEATURES, sample_cohort
 from dosewise.sim.vancomycin_clinician import VancomycinClinician, simulate_dataset
 
-COLUMNS = ["patient_id", "time", *FEATURES, *DOSE_FEATURES, "sex", "action", "reward"]
+COLUMNS = ["patient_id", "time", *FEATURES, *DOSE_FEATURES, "sex", "loading_dose_mg", "action", "reward"]
 N = 3000
 
 
