@@ -1,12 +1,15 @@
-"""How far off-policy estimates (FQE, PDWIS, WDR) are from the truth on the vancomycin simulator.
+"""How far each off-policy estimate of a vancomycin policy is from the truth, and whether it says when it does not know.
 
-For each data seed: simulate 150 patients treated by the simulated clinician, train IQL on them,
-then estimate the discounted value (gamma = IQL's, 0.90) of four deterministic policies from the
-data alone and compare with the truth, the mean discounted return of the same policy on 2000
-fresh simulated patients. Reports each estimator's mean absolute error, how often its 95 %
-interval covers the truth, and how well it orders the policies. Prints a table, writes JSON.
+For each data size (150 patients, the seed data's size, and 1,000) and data seed: simulate the courses the
+noisy clinician gave, train IQL on them, then estimate the discounted value (gamma = IQL's, 0.90) of six
+policies from the data alone, with every estimator of `dosewise.evaluate.vancomycin.off_policy`. The truth is
+the mean discounted return of the same policy on 10,000 fresh simulated patients (the same patients and random
+draws for every policy). Reports, per estimator: how often its 95 % interval covers the truth (estimable
+cases), how often it orders two policies as the truth does (pairs whose truths' 95 % intervals do not
+overlap), its mean absolute error, the share of cases it declares not estimable, and how often it ranks
+``always_raise`` above the clinicians who made the data. Prints tables, writes JSON.
 
-    python bench/ope_accuracy.py [--quick] [--seeds 5] [--json OUT] [--bandwidth H]
+    python bench/ope_accuracy.py [--quick] [--seeds 5] [--sizes 150 1000] [--json OUT]
 """
 
 from __future__ import annotations
@@ -21,20 +24,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dosewise.algos.bayesian_policy import BayesianDosingPolicy
 from dosewise.algos.config import IQLRunConfig, TrainConfig
 from dosewise.algos.trained import TrainedIQL
 from dosewise.algos.training import train_iql
-from dosewise.data import load_transitions
-from dosewise.evaluate.vancomycin.ope import (
-    BehaviourModel,
-    OPEConfig,
-    evaluate_ope,
-    vancomycin_true_value,
-)
+from dosewise.data import load_table
+from dosewise.data.transitions import build_transitions
+from dosewise.evaluate.stats import bootstrap_ci, bootstrap_indices
+from dosewise.evaluate.vancomycin.off_policy import DEFAULT_ESTIMATOR, ESTIMATOR_LABELS, OffPolicyEvaluator
+from dosewise.evaluate.vancomycin.ope import vancomycin_true_value
+from dosewise.evaluate.vancomycin.twins import TwinConfig
 from dosewise.sim.vancomycin_clinician import ClinicianHabits, simulate_dataset
 
-ESTIMATORS = ("fqe", "wis", "wdr")
-TRUTH_PATIENTS, TRUTH_SEED = 2000, 1000
+ESTIMATORS = tuple(ESTIMATOR_LABELS)
+POLICIES = ("iql_policy", "clinician_rule", "bayesian", "proportional", "always_raise", "behaviour_perturbed")
+TRUTH_PATIENTS, TRUTH_SEED = 10_000, 1000
+PERTURBATION = {"shift": 0.2, "extra_sd": 0.1}  # the clinicians, 10 % more generous per decision and noisier
 
 
 def clinician_rule(obs: np.ndarray, habits: ClinicianHabits = ClinicianHabits()) -> np.ndarray:
@@ -57,113 +62,152 @@ def always_raise(obs: np.ndarray) -> np.ndarray:
 
 
 def proportional(obs: np.ndarray) -> np.ndarray:
-    """Better than the clinician on this simulator: a proportional controller on the level around 14 mg/L."""
+    """A proportional controller on the level around 14 mg/L."""
     return np.clip(-0.03 * (obs[:, 0] - 14.0), -1.0, 1.0)
 
 
-def pairwise_order_accuracy(estimates: list[float], truths: list[float]) -> float:
-    """Share of policy pairs the estimator orders as the truth does."""
-    pairs = list(itertools.combinations(range(len(truths)), 2))
-    agree = [np.sign(estimates[i] - estimates[j]) == np.sign(truths[i] - truths[j]) for i, j in pairs]
-    return float(np.mean(agree))
+def behaviour_truth(gamma: float) -> dict:
+    """The noisy clinician's own value on the truth's patient count (fresh courses of the same simulator)."""
+    frame = simulate_dataset(TRUTH_PATIENTS, TRUTH_SEED)
+    t = frame.groupby("patient_id", sort=False).cumcount().to_numpy()
+    returns = (frame["reward"].to_numpy() * gamma**t).reshape(-1)
+    per_patient = np.bincount(frame["patient_id"].factorize()[0], weights=returns)
+    return bootstrap_ci(lambda i: per_patient[i].mean(-1), bootstrap_indices(len(per_patient), 1000, TRUTH_SEED), per_patient.mean())
 
 
-def spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def one_seed(seed: int, iql_steps: int, config: OPEConfig, workdir: Path) -> dict:
-    data = workdir / f"data_{seed}.csv"
-    simulate_dataset(150, seed).to_csv(data, index=False)
+def one_case(size: int, seed: int, iql_steps: int, draws: int, workdir: Path, truths: dict) -> dict:
+    started = time.perf_counter()
+    data = workdir / f"data_{size}_{seed}.csv"
+    simulate_dataset(size, seed).to_csv(data, index=False)
     run = IQLRunConfig(train=TrainConfig(steps=iql_steps, seed=seed, checkpoint_every=0), data_path=str(data))
-    transitions, _ = load_transitions(data, run.data)
-    train_iql(run, transitions, workdir / f"run_{seed}", show_progress=False)
-    model = TrainedIQL.load(workdir / f"run_{seed}")
+    frame, _ = load_table(data, run.data)
+    transitions = build_transitions(frame, run.data)
+    train_iql(run, transitions, workdir / f"run_{size}_{seed}", show_progress=False)
+    model = TrainedIQL.load(workdir / f"run_{size}_{seed}")
     gamma = run.iql.gamma
+    evaluator = OffPolicyEvaluator(
+        frame, transitions, gamma, model.data_config, seed, twin_config=TwinConfig(draws=draws), source=str(data)
+    )
+    perturbed = evaluator.behaviour[0].perturbed(PERTURBATION["shift"], PERTURBATION["extra_sd"], seed)
+    perturbed.feature_names = model.feature_names
     policies = {
-        "iql_policy": model.policy_action,
-        "clinician_rule": clinician_rule,
-        "always_raise": always_raise,
-        "proportional": proportional,
+        "iql_policy": (model.policy_action, model.feature_names),
+        "clinician_rule": (clinician_rule, None),
+        "bayesian": (BayesianDosingPolicy(), None),
+        "proportional": (proportional, None),
+        "always_raise": (always_raise, None),
+        "behaviour_perturbed": (perturbed, model.feature_names),
     }
-    behaviour = BehaviourModel.fit(transitions.observations, transitions.actions, config, seed)
     rows = {}
-    for name, policy in policies.items():
-        started = time.perf_counter()
-        ope = evaluate_ope(policy, transitions, gamma, seed, config, behaviour=behaviour)
-        truth = vancomycin_true_value(policy, gamma, TRUTH_PATIENTS, TRUTH_SEED)
-        rows[name] = {
-            "truth": truth,
-            **{e: {"mean": ope[e]["mean"], "ci95": ope[e]["ci95"]} for e in ESTIMATORS},
-            "ess": ope["ess"]["mean"],
-            "overlap": ope["overlap"],
-            "seconds": time.perf_counter() - started,
-        }
-    names = list(policies)
-    truths = [rows[p]["truth"]["mean"] for p in names]
-    ranking = {
-        e: {
-            "pairwise": pairwise_order_accuracy([rows[p][e]["mean"] for p in names], truths),
-            "spearman": spearman([rows[p][e]["mean"] for p in names], truths),
-        }
-        for e in ESTIMATORS
-    }
+    for name, (policy, features) in policies.items():
+        shared = name not in ("iql_policy", "behaviour_perturbed")  # the others do not depend on the data
+        truth = truths.get(name) if shared else None
+        if truth is None:
+            truth = vancomycin_true_value(policy, gamma, TRUTH_PATIENTS, TRUTH_SEED, features=features)
+            if shared:
+                truths[name] = truth
+        rows[name] = {"truth": truth, **evaluator.evaluate(policy, features)["estimators"]}
     return {
+        "size": size,
         "seed": seed,
         "gamma": gamma,
-        "episodes": ope["episodes"],
-        "bandwidth": ope["bandwidth"],
-        "behaviour_model": behaviour[1],
+        "episodes": len(transitions.episode_slices()),
+        "behaviour": evaluator.behaviour_value,
+        "model_check": evaluator.twins.model_check if evaluator.twins else None,
         "policies": rows,
-        "ranking": ranking,
+        "seconds": time.perf_counter() - started,
     }
 
 
-def summarise(results: list[dict]) -> dict:
+def _estimable(entry: dict) -> bool:
+    return entry.get("not_estimable") is None and entry.get("estimate") is not None
+
+
+def summarise(cases: list[dict], sizes: list[int]) -> dict:
+    """The bench's verdict per estimator (the JSON's "estimators")."""
     out = {}
     for e in ESTIMATORS:
-        errors, covered = [], []
-        for r in results:
-            for p in r["policies"].values():
-                errors.append(abs(p[e]["mean"] - p["truth"]["mean"]))
-                covered.append(p[e]["ci95"][0] <= p["truth"]["mean"] <= p[e]["ci95"][1])
+        coverage, pairwise, mae, counts, flagged, raise_above = {}, {}, {}, {}, 0, 0
+        total = 0
+        for size in sizes:
+            covered, errors, agree = [], [], []
+            for case in (c for c in cases if c["size"] == size):
+                estimable = {p: r for p, r in case["policies"].items() if _estimable(r[e])}
+                total += len(case["policies"])
+                flagged += len(case["policies"]) - len(estimable)
+                for r in estimable.values():
+                    lo, hi = r[e]["ci95"]
+                    covered.append(lo <= r["truth"]["mean"] <= hi)
+                    errors.append(abs(r[e]["estimate"] - r["truth"]["mean"]))
+                for a, b in itertools.combinations(estimable, 2):
+                    ta, tb = estimable[a]["truth"], estimable[b]["truth"]
+                    if ta["ci95"][1] < tb["ci95"][0] or tb["ci95"][1] < ta["ci95"][0]:  # truths clearly apart
+                        agree.append(np.sign(estimable[a][e]["estimate"] - estimable[b][e]["estimate"]) == np.sign(ta["mean"] - tb["mean"]))
+                ar = case["policies"]["always_raise"][e]
+                raise_above += int(_estimable(ar) and ar["estimate"] > case["behaviour"]["mean"])
+            key = str(size)
+            coverage[key] = float(np.mean(covered)) if covered else None
+            mae[key] = float(np.mean(errors)) if errors else None
+            pairwise[key] = float(np.mean(agree)) if agree else None
+            counts[key] = {"estimable": len(errors), "pairs": len(agree)}
         out[e] = {
-            "mae": float(np.mean(errors)),
-            "coverage": float(np.mean(covered)),
-            "pairwise_order": float(np.mean([r["ranking"][e]["pairwise"] for r in results])),
-            "spearman": float(np.mean([r["ranking"][e]["spearman"] for r in results])),
+            "coverage": coverage,
+            "pairwise_order": pairwise,
+            "mae": mae,
+            "not_estimable": flagged / total if total else None,
+            "always_raise_above_clinician": raise_above,
+            "counts": counts,
         }
     return out
 
 
-def per_policy(results: list[dict]) -> dict:
-    """Mean over seeds of each policy's truth, estimates, absolute errors, ESS and overlap."""
-    avg = lambda p, f: float(np.mean([f(r["policies"][p]) for r in results]))
-    out = {}
-    for p in results[0]["policies"]:
-        row = {"truth": avg(p, lambda x: x["truth"]["mean"])}
-        for e in ESTIMATORS:
-            row[e] = avg(p, lambda x, e=e: x[e]["mean"])
-            row[f"{e}_abs_error"] = avg(p, lambda x, e=e: abs(x[e]["mean"] - x["truth"]["mean"]))
-        row["ess"] = avg(p, lambda x: x["ess"])
-        row["overlap"] = avg(p, lambda x: x["overlap"])
-        out[p] = row
-    return out
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f} %"
 
 
-def markdown_tables(summary: dict, policies: dict) -> str:
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def markdown(summary: dict, sizes: list[int], cases: list[dict]) -> str:
     lines = [
-        "| policy | true value | FQE (abs. error) | PDWIS (abs. error) | WDR (abs. error) | ESS (of 150) | overlap |",
-        "|---|---|---|---|---|---|---|",
+        "| estimator | "
+        + " | ".join(f"coverage {s}" for s in sizes)
+        + " | "
+        + " | ".join(f"order {s}" for s in sizes)
+        + " | "
+        + " | ".join(f"MAE {s}" for s in sizes)
+        + " | not estimable | always_raise above clinician |",
+        "|---" * (2 + 3 * len(sizes)) + "|---|",
     ]
-    for name, p in policies.items():
-        cells = " | ".join(f"{p[e]:.2f} ({p[e + '_abs_error']:.2f})" for e in ESTIMATORS)
-        lines.append(f"| {name} | {p['truth']:.2f} | {cells} | {p['ess']:.1f} | {100 * p['overlap']:.0f} % |")
-    lines += ["", "| estimator | mean abs. error | 95 % CI covers truth | pairwise order correct | Spearman |", "|---|---|---|---|---|"]
     for e, s in summary.items():
         lines.append(
-            f"| {e.upper() if e != 'wis' else 'PDWIS'} | {s['mae']:.2f} | {100 * s['coverage']:.0f} % | {100 * s['pairwise_order']:.0f} % | {s['spearman']:.2f} |"
+            f"| {ESTIMATOR_LABELS[e]}{' (default)' if e == DEFAULT_ESTIMATOR else ''} | "
+            + " | ".join(_pct(s["coverage"][str(z)]) for z in sizes)
+            + " | "
+            + " | ".join(_pct(s["pairwise_order"][str(z)]) for z in sizes)
+            + " | "
+            + " | ".join(_num(s["mae"][str(z)]) for z in sizes)
+            + f" | {_pct(s['not_estimable'])} | {s['always_raise_above_clinician']} of {len(cases)} |"
+        )
+    lines += [
+        "",
+        "| size | policy | truth | " + " | ".join(ESTIMATOR_LABELS[e] for e in ESTIMATORS) + " |",
+        "|---" * (3 + len(ESTIMATORS)) + "|",
+    ]
+    for size in sizes:
+        group = [c for c in cases if c["size"] == size]
+        for p in POLICIES:
+            truth = np.mean([c["policies"][p]["truth"]["mean"] for c in group])
+            cells = []
+            for e in ESTIMATORS:
+                values = [c["policies"][p][e]["estimate"] for c in group if _estimable(c["policies"][p][e])]
+                flagged = len(group) - len(values)
+                cells.append((f"{np.mean(values):.2f}" if values else "—") + (f" ({flagged} n.e.)" if flagged else ""))
+            lines.append(f"| {size} | {p} | {truth:.2f} | " + " | ".join(cells) + " |")
+        behaviour = np.mean([c["behaviour"]["mean"] for c in group])
+        lines.append(
+            f"| {size} | clinicians (logged) | — | {behaviour:.2f} (on-policy mean of the logged courses) |" + " |" * (len(ESTIMATORS) - 1)
         )
     return "\n".join(lines)
 
@@ -171,52 +215,57 @@ def markdown_tables(summary: dict, policies: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 1000 IQL steps")
-    parser.add_argument("--bandwidth", type=float, default=None, help="kernel bandwidth of the target (default: Silverman)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[150, 1000])
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 1000 IQL steps, 4 posterior draws")
     parser.add_argument("--json", type=Path, default=Path("bench/results/ope_accuracy.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    seeds, iql_steps = (2, 1000) if args.quick else (args.seeds, 5000)
-    config = OPEConfig(bandwidth=args.bandwidth)
+    seeds, iql_steps, draws = (2, 1000, 4) if args.quick else (args.seeds, 5000, None)
     started = time.perf_counter()
+    truths: dict = {}
+    cases = []
     with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for s in range(seeds):
-            results.append(one_seed(s, iql_steps, config, Path(tmp)))
-            print(f"seed {s} done ({time.perf_counter() - started:.0f} s)", flush=True)
+        for size in args.sizes:
+            for seed in range(seeds):
+                k = draws or (10 if size <= 300 else 4)  # posterior draws per patient: ~1,500-4,000 twins
+                cases.append(one_case(size, seed, iql_steps, k, Path(tmp), truths))
+                print(f"{size} patients, seed {seed} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    behaviour = behaviour_truth(cases[0]["gamma"])
     elapsed = time.perf_counter() - started
 
-    print(f"\n{'seed':>4} | {'policy':<14} | {'truth':>6} | {'FQE':>22} | {'PDWIS':>22} | {'WDR':>22} | {'ESS':>5} | overlap")
-    fmt = lambda x: f"{x['mean']:6.2f} [{x['ci95'][0]:6.2f}, {x['ci95'][1]:6.2f}]"
-    for r in results:
-        for name, p in r["policies"].items():
+    fmt = lambda r: "not estimable" if not _estimable(r) else f"{r['estimate']:6.2f} [{r['ci95'][0]:6.2f}, {r['ci95'][1]:6.2f}]"
+    print(f"\n{'size':>4} | {'seed':>4} | {'policy':<19} | {'truth':>6} | " + " | ".join(f"{e:>22}" for e in ESTIMATORS))
+    for c in cases:
+        for name, r in c["policies"].items():
             print(
-                f"{r['seed']:>4} | {name:<14} | {p['truth']['mean']:6.2f} | {fmt(p['fqe'])} | {fmt(p['wis'])} | {fmt(p['wdr'])} | {p['ess']:5.1f} | {100 * p['overlap']:5.0f} %"
+                f"{c['size']:>4} | {c['seed']:>4} | {name:<19} | {r['truth']['mean']:6.2f} | "
+                + " | ".join(f"{fmt(r[e]):>22}" for e in ESTIMATORS)
             )
-    summary = summarise(results)
-    policies = per_policy(results)
-    print("\nmean over seeds (markdown):\n")
-    print(markdown_tables(summary, policies))
-    print(f"\n{elapsed:.0f} s in all")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "command": "python bench/ope_accuracy.py"
-                + (" --quick" if args.quick else f" --seeds {seeds}")
-                + (f" --bandwidth {args.bandwidth}" if args.bandwidth else ""),
-                "patients": 150,
-                "iql_steps": iql_steps,
-                "truth_patients": TRUTH_PATIENTS,
-                "truth_seed": TRUTH_SEED,
-                "seconds": elapsed,
-                "summary": summary,
-                "per_policy": policies,
-                "seeds": results,
-            },
-            indent=2,
+        print(
+            f"{c['size']:>4} | {c['seed']:>4} | {'clinicians (logged)':<19} | {behaviour['mean']:6.2f} | {c['behaviour']['mean']:6.2f} on-policy"
         )
+    summary = summarise(cases, args.sizes)
+    print("\n" + markdown(summary, args.sizes, cases))
+    print(
+        f"\nclinicians' true value {behaviour['mean']:.2f} [{behaviour['ci95'][0]:.2f}, {behaviour['ci95'][1]:.2f}]; {elapsed:.0f} s in all"
     )
+    command = (
+        "python bench/ope_accuracy.py" + (" --quick" if args.quick else f" --seeds {seeds}") + " --sizes " + " ".join(map(str, args.sizes))
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": command,
+        "default_estimator": DEFAULT_ESTIMATOR,
+        "estimators": summary,
+        "truth_patients": TRUTH_PATIENTS,
+        "truth_seed": TRUTH_SEED,
+        "clinicians_true_value": behaviour,
+        "perturbation": PERTURBATION,
+        "iql_steps": iql_steps,
+        "seconds": elapsed,
+        "cases": cases,
+    }
+    args.json.write_text(json.dumps(payload, indent=1, allow_nan=False))
     print(f"wrote {args.json}")
 
 

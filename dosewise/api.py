@@ -32,9 +32,9 @@ import pandas as pd
 import yaml
 
 from dosewise.algos.config import IQLRunConfig, TrainConfig
-from dosewise.algos.recommend import Recommendation, recommend, require_finite
+from dosewise.algos.recommend import Recommendation, StateError, recommend, require_finite, validate_state
 from dosewise.algos.trained import TrainedIQL
-from dosewise.checkpoint import CheckpointError, write_bytes_atomic, write_json_atomic
+from dosewise.checkpoint import CheckpointError, verify_manifest, write_bytes_atomic, write_json_atomic
 from dosewise.config import ConfigError, config_path, load_config
 from dosewise.data.anesthesia import CaseReport, load_cases
 from dosewise.data.kinds import DATA_KINDS, DATA_PRESETS, anesthesia_preset, detect_kind, file_columns
@@ -136,6 +136,7 @@ def run_kind(run: str | Path) -> Literal["iql", "planner"]:
     try:
         algo = (yaml.safe_load(path.read_text()) or {}).get("algo", "iql")
     except (yaml.YAMLError, AttributeError) as err:
+        verify_manifest(path)  # a config damaged after training is reported as such, not as bad YAML
         raise CheckpointError(f"{path}: not a readable run config ({err.__class__.__name__})") from None
     if algo not in ("iql", "planner"):
         raise CheckpointError(f"{path}: algo is {algo!r}; expected 'iql' or 'planner'")
@@ -228,10 +229,12 @@ def evaluate_iql(
     closed_loop = evaluate_vancomycin(model.policy_action, patients, seed, features=features, baselines=baselines)
     estimates = None
     if ope:
-        from dosewise.evaluate.vancomycin.ope import evaluate_ope, vancomycin_true_value
+        from dosewise.evaluate.vancomycin.off_policy import OffPolicyEvaluator
+        from dosewise.evaluate.vancomycin.ope import vancomycin_true_value
 
         gamma = model.config.gamma
-        estimates = evaluate_ope(model.policy_action, transitions, gamma, seed=seed)
+        judge = OffPolicyEvaluator(frame, transitions, gamma, model.data_config, seed, source=str(data_path))
+        estimates = judge.evaluate(model.policy_action, features)
         estimates["true_value"] = vancomycin_true_value(
             model.policy_action, gamma, n_patients=max(patients, 2000), seed=seed, features=features
         )
@@ -259,17 +262,47 @@ evaluate_planner = evaluate_planner_dir
 
 
 def recommend_iql(
-    run_or_model: str | Path | TrainedIQL, state: Mapping[str, object], *, allow_out_of_range: bool = False
+    run_or_model: str | Path | TrainedIQL,
+    state: Mapping[str, object] | None = None,
+    *,
+    history: str | Path | pd.DataFrame | None = None,
+    patient: str | None = None,
+    allow_out_of_range: bool = False,
 ) -> DoseRecommendation:
     """The dose recommendation for one patient state {feature: value} (every feature of the
-    model, raw clinical units): the policy mean, the critic's greedy action and Q-curve, the
-    ensemble's spread, and warnings (outside the training range, a greedy action far from the policy).
+    model, raw clinical units): the policy mean and the next dose in mg it means, the critic's
+    greedy action and Q-curve, the ensemble's spread, and warnings (outside the training range, a
+    greedy action far from the policy, a predicted exposure outside its target).
+
+    `history` (a .csv or .parquet file with the training file's columns, or its rows as a DataFrame)
+    is the patient's rows so far: the state is its last row, and the patient's MAP-Bayesian PK from
+    all their levels predicts the AUC24 and trough under the recommended dose. `patient` picks one of
+    several patients. Given with a state, the state must be the history's last row.
 
     A value outside its physiological range (`dosewise.data.schema.PHYSIOLOGICAL_BOUNDS`) is a
     StateError unless `allow_out_of_range`, which records each such value in `overrides`; a
-    non-finite model output is a StateError too."""
+    non-finite model output is a StateError too; a bad history is a DataError."""
+    from dosewise.algos.recommend import history_state, load_history, patient_rows
+
     model = run_or_model if isinstance(run_or_model, TrainedIQL) else TrainedIQL.load(run_or_model)
-    rec = recommend(model, state, allow_out_of_range=allow_out_of_range)
+    rows = None
+    if history is None:
+        if state is None:
+            raise StateError(f"give the patient's state or their history; the model uses: {', '.join(model.feature_names)}")
+        if patient is not None:
+            raise StateError(f"patient '{patient}' picks a patient of a history; no history was given")
+    else:
+        source = "history" if isinstance(history, pd.DataFrame) else str(history)
+        config = model.data_config
+        rows = patient_rows(load_history(history, config, source), config, patient, source)
+        last = history_state(rows, model.feature_names)
+        if state is not None:
+            given = validate_state(state, model.feature_names, allow_out_of_range)
+            differ = [f"{name} = {given[name]:g} (history {last[name]:g})" for name in model.feature_names if given[name] != last[name]]
+            if differ:
+                raise StateError(f"the state differs from the history's last row: {'; '.join(differ)}; give one of them")
+        state = last
+    rec = recommend(model, state, allow_out_of_range=allow_out_of_range, history=rows)
     obs = [[rec.state[name] for name in model.feature_names]]
     member_actions = model.policy_members(obs)[:, 0]
     spread = model.policy_spread(obs)[0]

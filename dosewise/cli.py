@@ -371,14 +371,24 @@ def closed_loop_table(result: dict) -> Table:
 
 
 def ope_table(ope: dict) -> Table:
-    from dosewise.evaluate.vancomycin.ope import OPE_ROWS
+    from dosewise.evaluate.vancomycin.off_policy import ESTIMATOR_LABELS
 
-    table = Table(title="off-policy estimates of the policy's discounted value vs the truth: mean [95 % CI]", box=box.SIMPLE_HEAD)
+    table = Table(title="off-policy estimates of the policy's discounted value: estimate [95 % CI]", box=box.SIMPLE_HEAD)
     table.add_column("estimator")
-    table.add_column("value", no_wrap=True)
-    for key, label in OPE_ROWS:
-        table.add_row(label, _fmt(ope[key], percent=False), style="bold" if key == "true_value" else None)
-    table.caption = f"effective sample size {ope['ess']['mean']:.1f} of {ope['episodes']} patients; below ~10, IS-based estimates rest on a handful of courses"
+    table.add_column("value", overflow="fold")
+    for key, label in ESTIMATOR_LABELS.items():
+        entry = ope["estimators"][key]
+        text = (
+            f"not estimable: {entry['not_estimable']}"
+            if entry["not_estimable"]
+            else _fmt({"mean": entry["estimate"], "ci95": entry["ci95"]}, percent=False)
+        )
+        trusted = key == ope["trusted"]
+        table.add_row(label + (" (trusted)" if trusted else ""), text, style="bold" if trusted else None)
+    table.add_row("clinicians (logged courses)", _fmt(ope["behaviour"], percent=False))
+    if "true_value" in ope:
+        table.add_row("true value (simulator)", _fmt(ope["true_value"], percent=False), style="bold")
+    table.caption = f"trusted: {ope['trusted'] or 'none'} -- {ope['why']}"
     return table
 
 
@@ -558,9 +568,14 @@ def recommend_command(
     run: Annotated[Path, typer.Option(help="Run directory or model.pt (of `dosewise train iql` or `train planner`).")],
     state: Annotated[list[str] | None, typer.Option(help="IQL runs: feature value as name=value; repeat for every feature.")] = None,
     history: Annotated[
-        Path | None, typer.Option(help="Planner runs: the case so far, CSV or Parquet, from its start (the training file's columns).")
+        Path | None,
+        typer.Option(
+            help="The case so far (planner runs) or the patient's rows so far (IQL runs: the state is the last row, and "
+            "AUC24 and trough are predicted), CSV or Parquet with the training file's columns."
+        ),
     ] = None,
     case_id: Annotated[str | None, typer.Option(help="Planner runs: the case to recommend for, when the history holds several.")] = None,
+    patient: Annotated[str | None, typer.Option(help="IQL runs: the patient to recommend for, when the history holds several.")] = None,
     mode: Annotated[
         str | None,
         typer.Option(help="Planner runs: planning mode argmax, beam, mcts or mpc (default: the run's closed_loop.default_mode)."),
@@ -583,12 +598,12 @@ def recommend_command(
         ),
     ] = False,
 ) -> None:
-    """Dose recommendation: for an IQL run from one patient state (--state), for a planner run the
-    next propofol and remifentanil rates from the case so far (--history)."""
+    """Dose recommendation: for an IQL run the next vancomycin dose from one patient state (--state) or
+    the patient's rows so far (--history, which adds the predicted AUC24 and trough), for a planner run
+    the next propofol and remifentanil rates from the case so far (--history)."""
     from dosewise.api import run_kind
 
     planner_options = {
-        "--history": history,
         "--case-id": case_id,
         "--mode": mode,
         "--max-propofol": max_propofol,
@@ -602,7 +617,9 @@ def recommend_command(
             raise
         kind = "iql"  # a bare IQL model.pt carries its own config; its loader checks the file
     if kind == "planner":
-        iql_given = [name for name, value in (("--state", state), ("--allow-out-of-range", allow_out_of_range)) if value]
+        iql_given = [
+            name for name, value in (("--state", state), ("--patient", patient), ("--allow-out-of-range", allow_out_of_range)) if value
+        ]
         if iql_given:
             raise ConfigError(
                 f"{', '.join(iql_given)}: for IQL runs only; {run} is a planner run, which recommends from the case so far (--history CASE.csv)"
@@ -614,22 +631,33 @@ def recommend_command(
     planner_given = [name for name, value in planner_options.items() if value is not None]
     if planner_given:
         raise ConfigError(
-            f"{', '.join(planner_given)}: for planner runs only; {run} is an IQL run, which recommends from --state name=value"
+            f"{', '.join(planner_given)}: for planner runs only; {run} is an IQL run, which recommends from "
+            "--state name=value or the patient's rows so far (--history FILE)"
         )
-    _recommend_iql(run, state or [], as_json, allow_out_of_range)
+    _recommend_iql(run, state or [], history, patient, as_json, allow_out_of_range)
 
 
-def _recommend_iql(run: Path, state: list[str], as_json: bool, allow_out_of_range: bool) -> None:
+def _recommend_iql(run: Path, state: list[str], history: Path | None, patient: str | None, as_json: bool, allow_out_of_range: bool) -> None:
     from dosewise.algos.recommend import describe_override, parse_state
     from dosewise.algos.trained import TrainedIQL
     from dosewise.api import recommend_iql
 
     model = TrainedIQL.load(run)
-    if not state:
+    if state and history is not None:
         raise ConfigError(
-            f"{run} is an IQL run: give the patient state with --state name=value for each of: {', '.join(model.feature_names)}"
+            "--state and --history: give one; with --history the state is the history's last row (the patient's latest values)"
         )
-    rec = recommend_iql(model, parse_state(state, model.feature_names, allow_out_of_range), allow_out_of_range=allow_out_of_range)
+    if not state and history is None:
+        raise ConfigError(
+            f"{run} is an IQL run: give the patient state with --state name=value for each of: {', '.join(model.feature_names)}, "
+            "or the patient's rows so far with --history FILE"
+        )
+    if patient is not None and history is None:
+        raise ConfigError("--patient picks a patient of --history FILE; give the history too")
+    if history is not None:
+        rec = recommend_iql(model, history=history, patient=patient, allow_out_of_range=allow_out_of_range)
+    else:
+        rec = recommend_iql(model, parse_state(state, model.feature_names, allow_out_of_range), allow_out_of_range=allow_out_of_range)
     if as_json:
         print(json.dumps(rec.to_dict(), indent=2, allow_nan=False))  # strict JSON: NaN was refused above
         return
@@ -638,8 +666,27 @@ def _recommend_iql(run: Path, state: list[str], as_json: bool, allow_out_of_rang
     uncertainty = f" +- {rec.policy_action_sd:.3f} (sd over {rec.members} members)" if rec.members > 1 else ""
     console.print(f"policy action (recommended): [bold]{rec.policy_action:+.3f}[/]{uncertainty}   Q = {rec.q_value:.3f}")
     console.print(f"greedy action (argmax Q):    {rec.greedy_action:+.3f}   Q = {rec.greedy_q_value:.3f}")
+    for line in _iql_dose_lines(rec):
+        console.print(line, highlight=False)
     for warning in rec.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _iql_dose_lines(rec) -> list[str]:
+    """The action in mg and, from a history, the exposure it predicts; a note where either is not known."""
+    lines = []
+    if rec.dose_mg is not None:
+        every = f" every {rec.interval_h:g} h" if rec.interval_h is not None else ""
+        change = 100.0 * (rec.dose_mg / rec.current_dose_mg - 1.0) if rec.current_dose_mg else None
+        versus = f" ({change:+.0f} % from {rec.current_dose_mg:,.0f} mg)" if change is not None else ""
+        lines.append(f"next dose: [bold]{rec.dose_mg:,.0f} mg{every}[/]{versus}")
+    if rec.predicted_auc24 is not None:
+        lines.append(
+            f"predicted from the next administration (at {rec.prediction_from_h:g} h): AUC24 {rec.predicted_auc24:.0f} mg*h/L, "
+            f"trough {rec.predicted_trough:.1f} mg/L (MAP fit of {rec.levels_used} level{'s' if rec.levels_used != 1 else ''})"
+        )
+    lines += [f"note: {note}" for note in rec.notes]
+    return lines
 
 
 def _recommend_planner(

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -49,8 +50,11 @@ def test_simulate_inspect_train_evaluate_recommend(small_run):
         assert key in result
     for side in ("learned", "clinician", "difference"):
         assert set(result["closed_loop"][side]) == {"auc_in_target_frac", "aki_rate", "mean_return"}
-    for key in ("fqe", "wis", "wdr", "ess", "true_value"):
-        assert key in result["ope"]
+    assert set(result["ope"]["estimators"]) == {"twins", "fqe", "wis", "wdr"}
+    assert result["ope"]["default_estimator"] == "twins" and result["ope"]["why"]
+    for entry in result["ope"]["estimators"].values():  # a number with its interval, or null and the reason
+        assert (entry["estimate"] is None) == (entry["ci95"] is None) == (entry["not_estimable"] is not None)
+    assert "trusted:" in evaluated.output
     low, high = result["ope"]["true_value"]["ci95"]
     assert low <= result["ope"]["true_value"]["mean"] <= high
     assert "true value" in evaluated.output
@@ -102,3 +106,24 @@ def test_missing_run_and_bad_config_are_clear(tmp_path):
     config.write_text("iql:\n  lr: -1\n")
     result = invoke("data", "inspect", tmp_path / "x.csv", "--config", config)
     assert result.exit_code == 2 and "iql.lr" in result.output
+
+
+def test_recommend_from_a_history_answers_in_mg_with_the_predicted_exposure(small_run):
+    from dosewise import api
+
+    _, data, run = small_run
+    first = pd.read_csv(data)["patient_id"].iloc[0]
+    listed = invoke("recommend", "--run", run, "--history", data)
+    assert listed.exit_code != 0 and first in listed.output and "--patient" in listed.output
+    both = invoke("recommend", "--run", run, "--history", data, "--patient", first, "--state", "vanco_level=20")
+    assert both.exit_code != 0 and "one" in both.output
+
+    shown = invoke("recommend", "--run", run, "--history", data, "--patient", first, "--json")
+    assert shown.exit_code == 0, shown.output
+    answer = json.loads(shown.output)
+    expected = api.recommend_iql(run, history=data, patient=first)
+    for key in ("dose_mg", "interval_h", "current_dose_mg", "predicted_auc24", "predicted_trough", "levels_used"):
+        assert answer[key] == pytest.approx(getattr(expected, key)), key
+    assert answer["predicted_auc24"] > 0 and answer["dose_mg"] > 0
+    text = invoke("recommend", "--run", run, "--history", data, "--patient", first)
+    assert text.exit_code == 0 and "mg every" in text.output and "AUC24" in text.output

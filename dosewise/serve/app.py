@@ -196,7 +196,7 @@ def create_app(service: Service, store: Store) -> FastAPI:
     def vancomycin(body: VancomycinRequest, request: Request, token: Authenticated) -> dict[str, Any]:
         """The dose recommendation for one patient state, as `dosewise recommend --state` gives it."""
         try:
-            model, answer = service.recommend_vancomycin(body.model, body.state, body.allow_out_of_range)
+            model, answer = service.recommend_vancomycin(body.model, body.state, body.allow_out_of_range, body.history, body.patient)
         except ServiceError as err:
             raise HTTPException(err.status, err.detail()) from None
         return served(model, answer, request)

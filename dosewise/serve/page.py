@@ -481,6 +481,7 @@ def vancomycin_result(answer: Mapping[str, Any], audit_id: int) -> dict[str, Any
             "keep_width": KEEP_BELOW * 100.0,
         },
         "members": members,
+        "dose": dose_view(answer),
         "greedy_action": float(answer["greedy_action"]),
         "q_value": float(answer["q_value"]),
         "greedy_q_value": float(answer["greedy_q_value"]),
@@ -493,6 +494,21 @@ def vancomycin_result(answer: Mapping[str, Any], audit_id: int) -> dict[str, Any
         "plot": q_curve_svg(answer),
         "curve": [{"action": f"{float(a):+.2f}", "q": f"{float(q):.4f}"} for a, q in answer["q_curve"]],
         "audit_id": audit_id,
+    }
+
+
+def dose_view(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The action in mg ("1,250 mg every 12 h", change in %) and the predicted exposure, when known."""
+    dose, current, interval = answer.get("dose_mg"), answer.get("current_dose_mg"), answer.get("interval_h")
+    auc, trough = answer.get("predicted_auc24"), answer.get("predicted_trough")
+    return {
+        "text": None if dose is None else f"{dose:,.0f} mg" + ("" if interval is None else f" every {interval:g} h"),
+        "change": None if dose is None or not current else f"{100.0 * (dose / current - 1.0):+.0f} %",
+        "current": None if current is None else f"{current:,.0f} mg",
+        "auc24": None if auc is None else f"{auc:.0f}",
+        "trough": None if trough is None else f"{trough:.1f}",
+        "levels_used": answer.get("levels_used"),
+        "notes": list(answer.get("notes", [])),
     }
 
 
@@ -570,7 +586,9 @@ def audit_summary(entry: AuditEntry) -> str:
         if isinstance(response, dict):
             if "policy_action" in response:
                 action = float(response["policy_action"])
-                return f"{dose_verdict(action)} (policy action {action:+.2f})"
+                dose = response.get("dose_mg")
+                in_mg = f": {float(dose):,.0f} mg" if dose is not None else ""
+                return f"{dose_verdict(action)}{in_mg} (policy action {action:+.2f})"
             if "propofol_rate_ml_h" in response:
                 return f"propofol {int(response['propofol_rate_ml_h'])} mL/h, remifentanil {int(response['remifentanil_rate_ml_h'])} mL/h"
             if "cards" in response:

@@ -25,13 +25,24 @@ class Closed(BaseModel):
 
 class VancomycinRequest(Closed):
     model: ModelId | None = Field(None, description="Model id from GET /v1/models; optional when one vancomycin model is loaded.")
-    state: dict[Annotated[str, Field(max_length=64)], Number] = Field(
+    state: dict[Annotated[str, Field(max_length=64)], Number] | None = Field(
+        None,
         max_length=64,
-        description="Every feature the model uses, in raw clinical units (GET /v1/models: training_data.features).",
+        description="Every feature the model uses, in raw clinical units (GET /v1/models: training_data.features). "
+        "Optional with a history, whose last row it must then equal.",
         examples=[
             {"vanco_level": 25.0, "creatinine": 1.1, "wbc": 12.0, "bun": 18.0, "temperature": 38.2, "sbp": 118.0, "heart_rate": 96.0}
         ],
     )
+    history: list[dict[Annotated[str, Field(max_length=64)], Cell]] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_HISTORY_ROWS,
+        description="The patient's rows so far, one object per charting time, with the columns of the training file "
+        "(patient_id, time in h, the features, action, sex 1 male / 0 female, optionally loading_dose_mg): the state is "
+        "the last row, and the patient's levels give the predicted AUC24 and trough.",
+    )
+    patient: Annotated[str, Field(max_length=200)] | None = Field(None, description="The patient, when the history holds several.")
     allow_out_of_range: bool = Field(
         False, strict=True, description="Recommend even for values outside their physiological range (listed in overrides)."
     )
@@ -84,6 +95,14 @@ class VancomycinRecommendation(Served):
     members: int
     policy_action_sd: float
     member_actions: list[float]
+    dose_mg: float | None = Field(description="The next dose per administration, mg; null when the model's state has no dose_mg.")
+    interval_h: float | None = Field(description="Dosing interval, h (unchanged by the recommendation).")
+    current_dose_mg: float | None
+    predicted_auc24: float | None = Field(description="mg*h/L over the 24 h from the next administration; needs a history.")
+    predicted_trough: float | None = Field(description="mg/L at the end of those 24 h; needs a history.")
+    levels_used: int | None = Field(description="Levels of the history the patient's PK was fitted to.")
+    prediction_from_h: float | None = Field(description="When the next administration is due, in the history's hours.")
+    notes: list[str] = Field(description="Why a field above is null.")
 
 
 class Prediction(BaseModel):

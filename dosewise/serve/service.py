@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from dosewise.algos.recommend import StateError
+from dosewise.algos.recommend import PatientChoiceError, StateError
 from dosewise.config import ConfigError
 from dosewise.data.loading import DataError
 from dosewise.serve.registry import Kind, LoadedModel
@@ -59,17 +59,33 @@ class Service:
         return model
 
     def recommend_vancomycin(
-        self, model_id: str | None, state: Mapping[str, object], allow_out_of_range: bool = False
+        self,
+        model_id: str | None,
+        state: Mapping[str, object] | None,
+        allow_out_of_range: bool = False,
+        history: Sequence[Mapping[str, object]] | pd.DataFrame | None = None,
+        patient: str | None = None,
     ) -> tuple[LoadedModel, dict[str, Any]]:
-        """`dosewise recommend --run RUN --state ...` for one patient state."""
+        """`dosewise recommend --run RUN --state ...` for one patient state, or `--history` for their rows so far."""
         from dosewise.api import recommend_iql
 
+        if state is None and history is None:
+            raise ServiceError("give the patient's 'state' or their rows so far in 'history'", ("body", "state"), type="missing")
+        if patient is not None and history is None:
+            raise ServiceError("'patient' picks a patient of 'history'; no history was given", ("body", "patient"))
         model = self.pick("vancomycin", model_id)
         assert model.iql is not None
+        frame = None if history is None or isinstance(history, pd.DataFrame) else pd.DataFrame.from_records(list(history))
         try:
-            recommendation = recommend_iql(model.iql, state, allow_out_of_range=allow_out_of_range)
+            recommendation = recommend_iql(
+                model.iql, state, history=history if frame is None else frame, patient=patient, allow_out_of_range=allow_out_of_range
+            )
         except StateError as err:
             raise ServiceError(str(err), ("body", "state"), type="state_error") from None
+        except PatientChoiceError as err:
+            raise ServiceError(str(err), ("body", "patient"), type="data_error") from None
+        except DataError as err:
+            raise ServiceError(str(err), ("body", "history"), type="data_error") from None
         return model, recommendation.to_dict()
 
     def recommend_anesthesia(

@@ -15,6 +15,7 @@ from dosewise.algos.recommend import (
     GREEDY_DISAGREEMENT,
     Recommendation,
     StateError,
+    dose_for_action,
     parse_state,
     recommend,
     validate_state,
@@ -215,10 +216,104 @@ def test_recommend_validates_the_state(model: TrainedIQL) -> None:
 def test_to_dict_is_json_serialisable(model: TrainedIQL) -> None:
     rec = recommend(model, {"vanco_level": 60.0, "creatinine": 1.0})
     data = json.loads(json.dumps(rec.to_dict()))
-    assert set(data) == {"state", "policy_action", "greedy_action", "q_value", "greedy_q_value", "q_curve", "warnings", "overrides"}
+    assert set(data) == {
+        *("state", "policy_action", "greedy_action", "q_value", "greedy_q_value", "q_curve", "warnings", "overrides"),
+        *("dose_mg", "interval_h", "current_dose_mg", "predicted_auc24", "predicted_trough", "levels_used", "prediction_from_h", "notes"),
+    }
+    assert data["dose_mg"] is None and data["interval_h"] is None and data["predicted_auc24"] is None
+    assert len(data["notes"]) == 1 and "no dose column" in data["notes"][0]
     assert data["overrides"] == []
     assert data["state"] == {"vanco_level": 60.0, "creatinine": 1.0}
     assert data["policy_action"] == rec.policy_action
     assert len(data["q_curve"]) == 101 and all(len(pair) == 2 for pair in data["q_curve"])
     assert data["q_curve"][0][0] == -1.0 and data["q_curve"][-1][0] == 1.0
     assert any("vanco_level" in w for w in data["warnings"])
+
+
+# -- the action in mg, and the exposure predicted from the patient's history ----------------------
+
+
+@pytest.mark.parametrize(
+    ("action", "current", "expected"),
+    [
+        (0.4, 1000.0, 1200.0),
+        (-1.0, 1000.0, 500.0),
+        (1.0, 1000.0, 1500.0),
+        (0.0, 750.0, 750.0),
+        (-1.0, 200.0, 125.0),
+        (1.0, 3000.0, 4000.0),
+        (3.0, 1000.0, 1500.0),
+    ],
+)
+def test_dose_for_action_is_the_simulators_dose_rule(action: float, current: float, expected: float) -> None:
+    assert dose_for_action(action, current) == pytest.approx(expected)
+
+
+def test_dose_for_action_refuses_a_non_finite_action() -> None:
+    with pytest.raises(StateError, match="finite action"):
+        dose_for_action(float("nan"), 1000.0)
+
+
+@pytest.fixture(scope="module")
+def dose_aware(tmp_path_factory: pytest.TempPathFactory):
+    """A small run on simulated dose-aware data, and that data's table."""
+    from dosewise.data import load_table
+    from dosewise.data.transitions import build_transitions
+    from dosewise.sim.vancomycin import CohortSpec, VancomycinConfig
+    from dosewise.sim.vancomycin_clinician import simulate_dataset
+
+    table = simulate_dataset(20, 3, VancomycinConfig(cohort=CohortSpec(missing_prob=0.0)))
+    folder = tmp_path_factory.mktemp("dose_aware")
+    table.to_csv(folder / "v.csv", index=False)
+    run = IQLRunConfig(iql=IQLConfig(hidden=(16, 16), batch_size=64), train=TrainConfig(steps=40, checkpoint_every=0, log_every=20, seed=0))
+    frame, _ = load_table(folder / "v.csv", run.data)
+    from dosewise.algos.training import record_found_features
+
+    transitions = build_transitions(frame, run.data)
+    run = record_found_features(run, transitions.feature_names)
+    train_iql(run, transitions, folder / "run")
+    return TrainedIQL.load(folder / "run"), table
+
+
+def test_history_prediction_is_map_estimate_and_predict(dose_aware) -> None:
+    from dosewise.algos.bayesian_dosing import map_estimate, predict
+    from dosewise.algos.dosing_history import dosing_record, next_administration_h
+    from dosewise.algos.recommend import history_state, load_history
+
+    model, table = dose_aware
+    rows = load_history(table[table["patient_id"] == "V0004"], model.data_config)
+    rec = recommend(model, history_state(rows, model.feature_names), history=rows)
+    state = rows.iloc[-1]
+    assert rec.current_dose_mg == state["dose_mg"] and rec.interval_h == state["interval_h"]
+    assert rec.dose_mg == pytest.approx(dose_for_action(rec.policy_action, state["dose_mg"]))
+    record = dosing_record(rows, model.data_config)
+    estimate = map_estimate([record])
+    first = next_administration_h(rows, model.data_config)
+    direct = predict(estimate, [record], np.array([rec.dose_mg]), np.array([rec.interval_h]), np.array([first]))
+    assert rec.predicted_auc24 == pytest.approx(float(direct.auc24[0]), rel=1e-12)
+    assert rec.predicted_trough == pytest.approx(float(direct.trough[0]), rel=1e-12)
+    assert rec.levels_used == int(np.isfinite(rows["vanco_level"]).sum()) == len(rows) and rec.prediction_from_h == first
+    assert rec.notes == []
+    outside = not 400.0 <= rec.predicted_auc24 <= 600.0
+    assert outside == any(w.startswith("predicted AUC24") for w in rec.warnings)
+    assert (rec.predicted_trough > 20.0) == any(w.startswith("predicted trough") for w in rec.warnings)
+
+
+def test_a_state_alone_gives_the_dose_but_no_prediction(dose_aware) -> None:
+    from dosewise.algos.recommend import NEEDS_HISTORY
+
+    model, table = dose_aware
+    state = {name: float(table[name].iloc[3]) for name in model.feature_names}
+    rec = recommend(model, state)
+    assert rec.dose_mg == pytest.approx(dose_for_action(rec.policy_action, state["dose_mg"]))
+    assert rec.predicted_auc24 is None and rec.predicted_trough is None and rec.levels_used is None
+    assert rec.notes == [NEEDS_HISTORY]
+
+
+def test_exposure_warnings_name_the_number_and_the_target() -> None:
+    from dosewise.algos.recommend import HistoryPrediction, exposure_warnings
+
+    assert exposure_warnings(HistoryPrediction(500.0, 15.0, 3, 12.0), 1000.0, 12.0) == []
+    low, toxic = exposure_warnings(HistoryPrediction(350.0, 22.5, 3, 12.0), 1250.0, 12.0)
+    assert "AUC24 350 mg*h/L" in low and "1,250 mg every 12 h" in low and "400-600" in low
+    assert "trough 22.5 mg/L" in toxic and "above 20 mg/L" in toxic

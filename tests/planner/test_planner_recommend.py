@@ -283,7 +283,8 @@ def test_options_of_the_other_run_kind_are_clear_errors(planner_run, raw_cases, 
     path = write_history(tmp_path, first_rows(raw_cases, 4))
     result = invoke("recommend", "--run", iql, "--history", path, "--mode", "mpc")
     assert result.exit_code == 2
-    assert f"--history, --mode: for planner runs only; {iql} is an IQL run, which recommends from --state name=value" in result.output
+    squeezed = " ".join(result.output.split())
+    assert f"--mode: for planner runs only; {iql} is an IQL run, which recommends from --state name=value" in squeezed
     with pytest.raises(ConfigError, match="an IQL run; planner recommendations need a run of `dosewise train planner`"):
         api.recommend_planner(iql, path)
     state = invoke("recommend", "--run", planner_run, "--history", path, "--state", "vanco_level=20")

@@ -141,6 +141,34 @@ def test_vancomycin_recommendation_is_the_librarys_field_by_field(client, iql_ru
     assert body["overrides"] == []
 
 
+def patient_history(iql_run: Path) -> tuple[pd.DataFrame, list[dict]]:
+    """The first simulated patient of the run's training file, as a frame and as the JSON rows a client sends."""
+    frame = pd.read_parquet(iql_run.parent / "vanco.parquet")
+    rows = frame[frame["patient_id"] == frame["patient_id"].iloc[0]].reset_index(drop=True)
+    return rows, json.loads(rows.to_json(orient="records"))
+
+
+def test_vancomycin_history_rows_give_the_dose_in_mg_and_the_librarys_predicted_exposure(client, iql_run):
+    rows, records = patient_history(iql_run)
+    expected = as_json(api.recommend_iql(iql_run, history=rows).to_dict())
+    response = client.post(VANCOMYCIN, json={"history": records})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert expected["dose_mg"] is not None and expected["predicted_auc24"] is not None and expected["predicted_trough"] is not None
+    for name in ("dose_mg", "interval_h", "current_dose_mg", "predicted_auc24", "predicted_trough", "levels_used", "policy_action"):
+        assert body[name] == pytest.approx(expected[name], rel=1e-9), f"field {name} differs from dosewise.api.recommend_iql"
+    assert body["levels_used"] >= 1 and body["notes"] == []
+    assert body["state"]["dose_mg"] == pytest.approx(float(rows["dose_mg"].iloc[-1]))
+
+
+def test_vancomycin_body_without_state_or_history_is_422_naming_state(client):
+    response = client.post(VANCOMYCIN, json={})
+    assert response.status_code == 422
+    [item] = response.json()["detail"]
+    assert item["loc"] == ["body", "state"]
+    assert "'state'" in item["msg"] and "'history'" in item["msg"]
+
+
 def test_vancomycin_model_may_be_named_and_is_optional_with_one_model_of_the_kind(client):
     unnamed = client.post(VANCOMYCIN, json={"state": STATE}).json()
     named = client.post(VANCOMYCIN, json={"state": STATE, "model": "iql"}).json()

@@ -161,7 +161,11 @@ def test_the_vancomycin_form_recommends_what_the_service_does_and_audits_it(page
     assert f'Recorded as audit row <strong id="audit-id">{entry.id}</strong>' in html
     assert response.headers["x-audit-id"] == str(entry.id)
     # the audit history below the form lists the row with its answer in words
-    assert f"{words} (policy action {action:+.2f})" in html
+    assert f"{words}: {expected['dose_mg']:,.0f} mg (policy action {action:+.2f})" in html
+    # the dose in mg, from the state's current dose; no prediction without the patient's history
+    every = f"{expected['dose_mg']:,.0f} mg every {expected['interval_h']:g} h"
+    assert f'<strong id="dose-mg">{every}</strong>' in html
+    assert 'id="predicted-auc24"' not in html
 
 
 def test_an_ensembles_spread_is_shown_next_to_the_action(page_client, service, monkeypatch):

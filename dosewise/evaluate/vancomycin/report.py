@@ -184,17 +184,24 @@ def plot_trajectories(model: TrainedIQL, out_dir: Path, seed: int) -> Figure:
 def _ope_section(result: dict | None) -> str:
     if not result or "ope" not in result:
         return "<p>No off-policy evaluation in this run's evaluation JSON (run <code>dosewise evaluate --ope</code>).</p>"
-    from dosewise.evaluate.vancomycin.ope import OPE_ROWS
+    from dosewise.evaluate.vancomycin.off_policy import ESTIMATOR_LABELS
 
     ope = result["ope"]
-    rows = "".join(
-        f"<tr><td>{label}</td><td>{ope[key]['mean']:.3f}</td><td>[{ope[key]['ci95'][0]:.3f}, {ope[key]['ci95'][1]:.3f}]</td></tr>"
-        for key, label in OPE_ROWS
-    )
+    cells = []
+    for key, label in ESTIMATOR_LABELS.items():
+        entry = ope["estimators"][key]
+        if entry["not_estimable"]:
+            cells.append((label, "not estimable", html.escape(entry["not_estimable"])))
+        else:
+            cells.append((label, f"{entry['estimate']:.3f}", f"[{entry['ci95'][0]:.3f}, {entry['ci95'][1]:.3f}]"))
+    for label, key in (("clinicians (logged courses)", "behaviour"), ("true value (simulator)", "true_value")):
+        if key in ope:
+            cells.append((label, f"{ope[key]['mean']:.3f}", f"[{ope[key]['ci95'][0]:.3f}, {ope[key]['ci95'][1]:.3f}]"))
+    rows = "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in cells)
     return (
-        f"<table><tr><th>estimator</th><th>value</th><th>95 % CI</th></tr>{rows}</table>"
-        f"<p class='caption'>Effective sample size {ope['ess']['mean']:.1f} of {ope['episodes']} patients. On simulated data the true value is known: "
-        "an estimate far from it, or an ESS of a few patients, says how much to trust the same estimator on real data (docs/ope_accuracy.md).</p>"
+        f"<table><tr><th>estimator</th><th>value</th><th>95 % CI or reason</th></tr>{rows}</table>"
+        f"<p class='caption'>Trusted: {html.escape(ope['trusted'] or 'none')}. {html.escape(ope['why'])}. "
+        "On simulated data the true value is known; docs/ope_accuracy.md measures every estimator against it.</p>"
     )
 
 
