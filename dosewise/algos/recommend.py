@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import numbers
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import pandas as pd
 from dosewise.algos.bayesian_dosing import map_estimate, predict
 from dosewise.algos.dosing_history import dosing_record, next_administration_h
 from dosewise.algos.trained import TrainedIQL
-from dosewise.data.loading import DataError, load_table
+from dosewise.data.loading import DataError, load_rows, load_table
 from dosewise.data.schema import BINARY_FEATURES, FEATURE_UNITS, PHYSIOLOGICAL_BOUNDS, DataConfig
 from dosewise.sim.vancomycin import AUC_TARGET, Regimen
 
@@ -90,12 +89,10 @@ class HistoryPrediction:
 
 
 def dose_for_action(action: float, current_dose_mg: float, regimen: Regimen = REGIMEN) -> float:
-    """The next dose per administration an action means, as the simulator applies it: the action clipped to
-    [-1, 1], ``dose * (1 + max_change * action)``, clipped to the regimen's dose limits."""
+    """The next dose per administration an action means, as the simulator applies it (`Regimen.next_dose`)."""
     if not math.isfinite(action) or not math.isfinite(current_dose_mg) or current_dose_mg < 0:
         raise StateError(f"dose_for_action: expected a finite action and a current dose >= 0 mg, got {action} and {current_dose_mg}")
-    change = 1.0 + regimen.max_change * min(max(action, -1.0), 1.0)
-    return float(min(max(current_dose_mg * change, regimen.min_dose_mg), regimen.max_dose_mg))
+    return float(regimen.next_dose(np.array([current_dose_mg]), np.array([action]))[0])
 
 
 def no_dose_note(regimen: Regimen = REGIMEN) -> str:
@@ -106,23 +103,12 @@ def no_dose_note(regimen: Regimen = REGIMEN) -> str:
 
 
 def load_history(history: str | Path | pd.DataFrame, config: DataConfig, source: str = "history") -> pd.DataFrame:
-    """A history file (or its rows) through `load_table`, so it gets the same checks as a training file.
-
-    Rows in memory (a request's JSON) are written to a Parquet file of text cells first, read as a CSV
-    file would be; errors then name `source` and the 1-based row instead of that file."""
+    """A history file (or its rows) through the training file's loader, so it gets the same checks."""
     if not isinstance(history, pd.DataFrame):
         return load_table(Path(history), config)[0]
     if history.empty:
         raise DataError(f"{source}: no rows; expected the patient's rows so far, one per charting time")
-    cells = history.reset_index(drop=True).astype(object)
-    text = cells.where(cells.notna(), None).map(lambda v: None if v is None else str(v)).astype("string")
-    with tempfile.TemporaryDirectory(prefix="dosewise-history-") as folder:
-        path = Path(folder) / "history.parquet"
-        text.to_parquet(path, index=False)
-        try:
-            return load_table(path, config)[0]
-        except DataError as err:
-            raise DataError(str(err).replace(str(path), source)) from None
+    return load_rows(history, config, source)[0]
 
 
 def patient_rows(frame: pd.DataFrame, config: DataConfig, patient: str | None, source: str = "history") -> pd.DataFrame:

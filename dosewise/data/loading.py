@@ -89,7 +89,15 @@ def load_table(path: str | Path, config: DataConfig) -> tuple[pd.DataFrame, Data
     `config`, plus a report of what was read and dropped.
     Raises DataError for anything that cannot be trusted.
     """
-    raw = read_table(Path(path))
+    return _load_raw(read_table(Path(path)), config)
+
+
+def load_rows(rows: pd.DataFrame, config: DataConfig, source: str = "rows") -> tuple[pd.DataFrame, DataReport]:
+    """`load_table` for rows already in memory (a request's JSON rows): the same checks, errors naming `source` and the row."""
+    return _load_raw(rows_table(rows, source), config)
+
+
+def _load_raw(raw: _RawTable, config: DataConfig) -> tuple[pd.DataFrame, DataReport]:
     _require_columns(raw, config)
     has_reward_column = config.reward in raw.frame.columns
     if not has_reward_column:

@@ -132,6 +132,11 @@ class Regimen:
     max_dose_mg: float = 4000.0
     max_rate_mg_h: float = 1000.0  # infusion speed limit (red-man syndrome); longer infusions for big doses
 
+    def next_dose(self, dose_mg: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """The dose per administration after actions (clipped to [-1, 1]) on the doses in force: [N] -> [N]."""
+        action = np.clip(np.asarray(action, dtype=float), -1.0, 1.0)
+        return np.clip(np.asarray(dose_mg, dtype=float) * (1.0 + self.max_change * action), self.min_dose_mg, self.max_dose_mg)
+
 
 @dataclass(frozen=True)
 class CohortSpec:
@@ -405,9 +410,7 @@ class VancomycinSimulator:
     def step(self, action: np.ndarray) -> tuple[np.ndarray, StepInfo]:
         """Apply relative dose changes ``action`` in [-1, 1] and advance 4 h."""
         cfg = self.config
-        action = np.clip(np.asarray(action, dtype=float).reshape(-1), -1.0, 1.0)
-        reg = cfg.regimen
-        self.dose = np.clip(self.dose * (1.0 + reg.max_change * action), reg.min_dose_mg, reg.max_dose_mg)
+        self.dose = cfg.regimen.next_dose(self.dose, np.asarray(action, dtype=float).reshape(-1))
         for _ in range(int(DECISION_HOURS / SUBSTEP_HOURS)):
             self._advance_hour()
         auc24 = self.auc24
